@@ -1,0 +1,292 @@
+"""The `sless` command: submit and follow jobs over HTTP, run the daemon and the workers.
+
+Errors become one sentence on stderr and an exit code in `main` only (tracebacks
+with --debug). Data goes to stdout, talk to stderr; `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.live import Live
+from rich.text import Text
+
+from . import __version__
+from .client import DEFAULT_URL, DaemonClient
+from .errors import CliError
+from .exit_codes import ExitStatus
+from .render import err, health_table, out, print_json, status_line, status_view
+
+app = typer.Typer(help="sless: run functions in sandboxes, track every outcome.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=True)
+
+TERMINAL = {"completed", "failed"}
+WATCH_INTERVAL_S = 0.25
+
+
+class Context:
+    """Global options shared by the commands."""
+
+    def __init__(self, url: str, token: str | None, debug: bool):
+        self.url = url
+        self.token = token
+        self.debug = debug
+
+    def client(self, timeout_s: float = 10.0) -> DaemonClient:
+        return DaemonClient(self.url, self.token, timeout_s)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    url: str = typer.Option(DEFAULT_URL, envvar="SLESS_URL", help="Daemon URL."),
+    token: Optional[str] = typer.Option(None, envvar="SLESS_API_TOKEN", help="API token, if the daemon has one."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+):
+    if version:
+        out.print(f"sless {__version__}")
+        raise typer.Exit()
+    ctx.obj = Context(url, token, debug)
+
+
+def parse_input(text: str):
+    """JSON when it parses as JSON, else the text itself as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_text(path: Path, what: str) -> str:
+    """A local file's text ('-' is stdin), or a CliError naming the file."""
+    try:
+        return sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CliError(f"Cannot read the {what} file {str(path)!r}: {reason}.", ExitStatus.FILE_ERROR) from None
+
+
+def job_exit_code(doc: dict) -> ExitStatus:
+    return {"completed": ExitStatus.SUCCESS, "failed": ExitStatus.JOB_FAILED}.get(doc["state"], ExitStatus.NOT_FINISHED)
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="Python file: a function body using `input`, or a module with main(input). '-' reads stdin."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Input: parsed as JSON when it is JSON, else a string."),
+    input_file: Optional[Path] = typer.Option(None, "--input-file", help="Read the JSON input from a file."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Wall-clock limit per attempt, seconds."),
+    memory: Optional[int] = typer.Option(None, "--memory", help="Memory limit per attempt, MiB."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries after a failed attempt."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Function to call in a module (default main)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print the result."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Submit a function; print its job id (or, with --wait, its result)."""
+    if input is not None and input_file is not None:
+        raise CliError("Give either --input or --input-file, not both.", ExitStatus.USAGE)
+    job = {"code": read_text(file, "code"), "input": parse_input(input) if input is not None else None}
+    if input_file is not None:
+        job["input"] = parse_json_file(input_file)
+    job.update({k: v for k, v in (("timeout_s", timeout), ("memory_mb", memory), ("retries", retries),
+                                  ("entry", entry)) if v is not None})
+    client = ctx.obj.client()
+    if not wait:
+        answer = client.submit(job)
+        print_json(answer) if as_json else out.print(answer["jobId"])
+        return
+    doc = follow(client, client.execute(job))
+    show_outcome(doc, as_json)
+    raise typer.Exit(job_exit_code(doc))
+
+
+def parse_json_file(path: Path):
+    text = read_text(path, "input")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CliError(f"The input file {str(path)!r} is not valid JSON: {e}.", ExitStatus.FILE_ERROR) from None
+
+
+def follow(client: DaemonClient, doc: dict) -> dict:
+    """Poll until the job is terminal (used when /execute answered before the end)."""
+    while doc["state"] not in TERMINAL:
+        time.sleep(WATCH_INTERVAL_S)
+        doc = client.status(doc["jobId"])
+    return doc
+
+
+def show_outcome(doc: dict, as_json: bool) -> None:
+    """Result to stdout; error and captured output to stderr."""
+    if as_json:
+        print_json(doc)
+        return
+    for stream in ("stdout", "stderr"):
+        if doc.get(stream):
+            err.print(doc[stream].rstrip("\n"), markup=False)
+    if doc["state"] == "completed":
+        out.print(json.dumps(doc["result"]), markup=False)
+    elif doc.get("error"):
+        err.print(Text.assemble((f"job {doc['jobId']} {doc['state']}: ", "red"),
+                                f"{doc['error']['type']}: {doc['error']['message']}"), soft_wrap=True)
+    else:
+        err.print(f"job {doc['jobId']} is {doc['state']}")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="The job id `sless submit` printed."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job live until it ends."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Show a job's state and result. Exit 0 completed, 1 failed, 8 not finished."""
+    client = ctx.obj.client()
+    doc = client.status(job_id)
+    if watch:
+        doc = watch_job(client, doc, as_json)
+    if as_json:
+        print_json(doc)
+    else:
+        out.print(status_view(doc))
+    raise typer.Exit(job_exit_code(doc))
+
+
+def watch_job(client: DaemonClient, doc: dict, as_json: bool) -> dict:
+    """Follow a job to its end: a live rich view on a terminal, plain lines when piped."""
+    if as_json or not out.is_terminal:
+        return watch_plain(client, doc)
+    with Live(status_view(doc), console=out, refresh_per_second=8, transient=True) as live:
+        while doc["state"] not in TERMINAL:
+            time.sleep(WATCH_INTERVAL_S)
+            doc = client.status(doc["jobId"])
+            live.update(status_view(doc))
+    return doc
+
+
+def watch_plain(client: DaemonClient, doc: dict) -> dict:
+    """One stderr line per change of state or attempt."""
+    seen = None
+    while True:
+        key = (doc["state"], doc["attempts"])
+        if key != seen:
+            err.print(status_line(doc), markup=False)
+            seen = key
+        if doc["state"] in TERMINAL:
+            return doc
+        time.sleep(WATCH_INTERVAL_S)
+        doc = client.status(doc["jobId"])
+
+
+@app.command()
+def health(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Check the daemon, Redis, MongoDB, queue depth and live workers. Non-zero exit if any is down."""
+    started = time.perf_counter()
+    report = ctx.obj.client(timeout_s=5.0).health()
+    daemon_ms = (time.perf_counter() - started) * 1000
+    healthy = report["status"] == "ok" and bool(report["queue"].get("live_workers"))
+    if as_json:
+        print_json({**report, "client_latency_ms": round(daemon_ms, 2), "healthy": healthy})
+    else:
+        out.print(health_table(report, daemon_ms))
+    raise typer.Exit(ExitStatus.SUCCESS if healthy else ExitStatus.UNAVAILABLE)
+
+
+def server_settings(**overrides):
+    """Daemon/worker settings from SLESS_* variables, with command-line overrides."""
+    from sless_daemon.errors import ConfigError
+    from sless_daemon.settings import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except ConfigError as e:
+        raise CliError(str(e), ExitStatus.CONFIG) from None
+
+
+@app.command()
+def daemon(
+    host: Optional[str] = typer.Option(None, help="Address to bind [env SLESS_HOST, default 127.0.0.1]."),
+    port: Optional[int] = typer.Option(None, help="Port [env SLESS_PORT, default 3000]."),
+    redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
+    mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
+    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+):
+    """Run the HTTP daemon in the foreground."""
+    from sless_daemon.daemon import serve
+
+    serve(server_settings(host=host, port=port, redis_url=redis_url, mongo_url=mongo_url, log_format=log_format))
+
+
+@app.command()
+def worker(
+    count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
+    redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
+    mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
+    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+):
+    """Run N supervised worker processes in the foreground (Ctrl-C stops them gently)."""
+    run_pool(server_settings(redis_url=redis_url, mongo_url=mongo_url, log_format=log_format), count)
+
+
+def run_pool(settings, count: int) -> None:
+    from sless_daemon.logs import configure_logging
+    from sless_daemon.worker_pool import build_pool
+
+    configure_logging(settings.log_format, settings.log_level, "pool")
+    build_pool(settings, count).run()
+
+
+@app.command()
+def up(
+    count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
+    port: Optional[int] = typer.Option(None, help="Daemon port [env SLESS_PORT, default 3000]."),
+    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+):
+    """Run the daemon and the workers together in the foreground; Ctrl-C stops all cleanly."""
+    import subprocess
+
+    settings = server_settings(port=port, log_format=log_format)
+    env = {**os.environ, **settings.to_env()}
+    daemon_process = subprocess.Popen([sys.executable, "-m", "sless", "daemon"], env=env, start_new_session=True)
+    try:
+        run_pool(settings, count)
+    finally:
+        daemon_process.terminate()
+        daemon_process.wait(timeout=10)
+
+
+def main() -> None:
+    """Entry point: run the app and turn errors into a sentence and an exit code."""
+    debug = "--debug" in sys.argv
+    try:
+        code = app(standalone_mode=False)
+    except CliError as e:
+        say_error(str(e))
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        say_error("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place unexpected errors become a sentence
+        if debug:
+            raise
+        say_error(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        sys.exit(ExitStatus.INTERNAL)
+    sys.exit(code if isinstance(code, int) else ExitStatus.SUCCESS)
+
+
+def say_error(message: str) -> None:
+    err.print(Text.assemble(("error: ", "red bold"), message), soft_wrap=True)

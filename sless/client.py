@@ -1,0 +1,58 @@
+"""The HTTP client of the daemon's API: every CLI command talks to the daemon through it."""
+
+from __future__ import annotations
+
+import requests
+
+from .errors import ApiError, DaemonUnreachable
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+
+
+class DaemonClient:
+    """Calls the daemon; raises DaemonUnreachable or ApiError with a readable sentence."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def submit(self, job: dict) -> dict:
+        return self.call("POST", "/submit", job).json()
+
+    def execute(self, job: dict, wait_s: float | None = None) -> dict:
+        """Run a job synchronously; the answer's state says whether it finished in time."""
+        body = dict(job, wait_s=wait_s) if wait_s is not None else job
+        timeout_s = (wait_s if wait_s is not None else job.get("timeout_s") or 5.0) + 60
+        return self.call("POST", "/execute", body, timeout_s=timeout_s).json()
+
+    def status(self, job_id: str) -> dict:
+        return self.call("GET", f"/status/{requests.utils.quote(job_id, safe='')}").json()
+
+    def health(self) -> dict:
+        """The daemon's view of its dependencies; a 503 still carries the details."""
+        return self.call("GET", "/health", accept=(200, 503)).json()
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None,
+             accept: tuple[int, ...] = (200, 202)) -> requests.Response:
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, json=body, timeout=timeout_s or self.timeout_s)
+        except requests.Timeout:
+            raise DaemonUnreachable(f"The daemon at {self.base_url} did not answer within {timeout_s or self.timeout_s:g} s.") from None
+        except requests.ConnectionError:
+            raise DaemonUnreachable(f"Cannot reach the daemon at {self.base_url}; is `sless daemon` running? (set SLESS_URL to point elsewhere)") from None
+        if response.status_code not in accept:
+            raise ApiError(response.status_code, error_message(response))
+        return response
+
+
+def error_message(response: requests.Response) -> str:
+    """The daemon's own sentence from a JSON error, or a generic one."""
+    try:
+        message = response.json().get("error")
+    except (ValueError, AttributeError):
+        message = None
+    return message or f"The daemon answered HTTP {response.status_code}."

@@ -1,0 +1,123 @@
+"""Every state change of a job, in one place: accept, start, finish, retry, lose.
+
+The daemon accepts jobs, workers start and finish attempts, and the worker pool
+recovers the attempts of lost workers; all of them go through `Lifecycle`, so the
+rules (when to retry, how long to wait, what is terminal) live here only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from .errors import DependencyDown
+from .executor import AttemptOutcome, failed
+from .queue import JobQueue
+from .settings import Settings
+from .spec import JobSpec
+from .states import ErrorType, JobState
+from .store import OutcomeStore
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def retry_delay_s(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff: base, 2*base, 4*base, ... capped; `attempt` counts from 1."""
+    return min(cap_s, base_s * 2 ** (attempt - 1))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens after a failed attempt: retry after `delay_s`, or give up."""
+
+    retry: bool
+    delay_s: float = 0.0
+
+
+def decide_after_failure(attempt: int, max_attempts: int, error_type: ErrorType, settings: Settings) -> Decision:
+    """Retry a retryable failure while attempts remain; syntax errors and the like never."""
+    if error_type.retryable and attempt < max_attempts:
+        return Decision(True, retry_delay_s(attempt, settings.retry_backoff_s, settings.max_retry_backoff_s))
+    return Decision(False)
+
+
+class Lifecycle:
+    """Moves jobs between states in MongoDB and hands them to the queue."""
+
+    def __init__(self, settings: Settings, store: OutcomeStore, queue: JobQueue):
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+
+    def accept(self, spec: JobSpec) -> str:
+        """Record then enqueue a new job; on any failure nothing is left behind.
+
+        Raises DependencyDown naming MongoDB or Redis. The record goes first so a
+        worker never dequeues an id MongoDB does not know.
+        """
+        job_id = new_job_id()
+        self.store.insert(job_id, spec, utcnow())
+        try:
+            self.queue.enqueue(job_id, spec.timeout_s)
+        except DependencyDown:
+            self._forget(job_id)
+            raise
+        return job_id
+
+    def _forget(self, job_id: str) -> None:
+        try:
+            self.store.delete(job_id)
+        except DependencyDown:
+            log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
+
+    def start(self, job_id: str, timeout_s: float, worker: str) -> dict | None:
+        """Claim the job's next attempt for `worker`; None when it is not waiting."""
+        lease_s = timeout_s + self.settings.lease_margin_s
+        return self.store.claim(job_id, worker, utcnow(), lease_s)
+
+    def finish(self, job: dict, outcome: AttemptOutcome) -> Decision:
+        """Record an attempt's outcome: completed, retry scheduled, or failed for good."""
+        attempt = job["attempts"]
+        fields = {
+            "stdout": outcome.stdout, "stderr": outcome.stderr, "duration_ms": outcome.duration_ms,
+            "finished_at": utcnow(),
+        }
+        if outcome.ok:
+            fields.update(result_json=json.dumps(outcome.result), error=None)
+            self._finish(job, attempt, JobState.COMPLETED, fields)
+            return Decision(False)
+        return self.fail(job, attempt, outcome.error, fields)
+
+    def fail(self, job: dict, attempt: int, error: dict, fields: dict) -> Decision:
+        """Retry the job after a failed attempt, or mark it failed when that was the last."""
+        decision = decide_after_failure(attempt, job["retries"] + 1, ErrorType(error["type"]), self.settings)
+        if not decision.retry:
+            self._finish(job, attempt, JobState.FAILED, {**fields, "error": error})
+            return decision
+        retry_at = utcnow() + timedelta(seconds=decision.delay_s)
+        fields = {k: v for k, v in fields.items() if k != "finished_at"}
+        if self.store.requeue(job["_id"], attempt, error, fields, retry_at):
+            self.queue.enqueue(job["_id"], job["timeout_s"], delay_s=decision.delay_s)
+        else:
+            log.warning("job %s: attempt %d was given up on meanwhile; no retry from it", job["_id"], attempt)
+        return decision
+
+    def _finish(self, job: dict, attempt: int, state: JobState, fields: dict) -> None:
+        if not self.store.finish(job["_id"], attempt, state, fields):
+            log.warning("job %s: attempt %d was given up on meanwhile; its outcome is discarded", job["_id"], attempt)
+
+    def lose(self, job: dict, why: str) -> Decision:
+        """Recover the attempt of a worker that is gone: retry it or fail it as worker_lost."""
+        error = failed(ErrorType.WORKER_LOST, why)
+        return self.fail(job, job["attempts"], error, {"finished_at": utcnow()})

@@ -1,0 +1,79 @@
+"""The transport: an RQ queue in Redis carrying job ids to workers.
+
+Only the job id and its timeout travel through Redis, as JSON (RQ's JSONSerializer):
+MongoDB holds the job itself. RQ keeps no results (`result_ttl=0`): outcomes live
+in MongoDB.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+
+import redis
+import rq
+from rq.serializers import JSONSerializer
+
+from .errors import DependencyDown
+
+REDIS = "Redis"
+RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
+RQ_TIMEOUT_MARGIN_S = 60  # RQ's own job timeout is only a safety net behind the executor's
+
+
+def redis_call(method):
+    """Wrap redis-py errors raised by a queue method as DependencyDown("Redis")."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as e:
+            raise DependencyDown(REDIS, str(e)[:300]) from e
+
+    return wrapper
+
+
+def connect_redis(url: str, timeout_s: float = 3.0) -> redis.Redis:
+    """A client whose calls fail within `timeout_s` when Redis is away or hung."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30,
+    )
+
+
+class JobQueue:
+    """Enqueues job ids on the RQ queue workers consume."""
+
+    def __init__(self, connection: redis.Redis, name: str):
+        self.connection = connection
+        self.rq_queue = rq.Queue(name, connection=connection, serializer=JSONSerializer)
+
+    @property
+    def name(self) -> str:
+        return self.rq_queue.name
+
+    @redis_call
+    def enqueue(self, job_id: str, timeout_s: float, delay_s: float = 0.0) -> None:
+        """Hand a job to the workers, now or after `delay_s` (RQ's scheduler moves it then)."""
+        options = {
+            "args": (job_id, timeout_s), "job_timeout": int(timeout_s) + RQ_TIMEOUT_MARGIN_S,
+            "result_ttl": 0, "failure_ttl": 24 * 3600, "description": f"sless job {job_id}",
+        }
+        if delay_s > 0:
+            self.rq_queue.enqueue_in(timedelta(seconds=delay_s), RUN_JOB, **options)
+        else:
+            self.rq_queue.enqueue(RUN_JOB, **options)
+
+    @redis_call
+    def depth(self) -> int:
+        """Jobs waiting in the queue now (not counting scheduled retries)."""
+        return self.rq_queue.count
+
+    @redis_call
+    def live_workers(self) -> int:
+        """Workers registered on this queue whose heartbeat has not expired."""
+        return rq.Worker.count(queue=self.rq_queue)
+
+    @redis_call
+    def ping(self) -> None:
+        self.connection.ping()

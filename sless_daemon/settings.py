@@ -1,0 +1,112 @@
+"""All daemon and worker settings in one frozen, validated object.
+
+Every setting comes from the environment variable ``SLESS_`` + its upper-case
+field name (``redis_url`` <- ``SLESS_REDIS_URL``). Units are in the names. A bad
+value fails at start-up with a sentence, never on the first job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+def _setting(default, low=None, high=None, doc: str = ""):
+    """A dataclass field carrying its allowed range and a one-line description."""
+    return field(default=default, metadata={"low": low, "high": high, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", doc="address the daemon binds; loopback unless told otherwise")
+    port: int = _setting(3000, 1, 65535, doc="daemon TCP port")
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", doc="Redis holding the RQ queue")
+    mongo_url: str = _setting("mongodb://127.0.0.1:27017", doc="MongoDB (or FerretDB) holding outcomes")
+    mongo_db: str = _setting("sless", doc="database name; the `jobs` collection lives there")
+    queue_name: str = _setting("compute-tasks", doc="RQ queue workers consume")
+    api_token: str = _setting("", doc="when set, every endpoint but GET / needs `Authorization: Bearer <token>`")
+    max_body_bytes: int = _setting(1 << 20, 1024, 64 << 20, doc="largest accepted request body")
+    daemon_threads: int = _setting(16, 1, 512, doc="WSGI worker threads in the daemon")
+    default_timeout_s: float = _setting(5.0, 0.1, 3600, doc="wall-clock limit of one attempt")
+    max_timeout_s: float = _setting(300.0, 0.1, 3600, doc="largest per-job timeout_s accepted")
+    default_memory_mb: int = _setting(256, 16, 65536, doc="address-space limit of one attempt")
+    max_memory_mb: int = _setting(4096, 16, 65536, doc="largest per-job memory_mb accepted")
+    default_retries: int = _setting(2, 0, 100, doc="retries after a failed attempt")
+    max_retries: int = _setting(10, 0, 100, doc="largest per-job retries accepted")
+    retry_backoff_s: float = _setting(1.0, 0, 3600, doc="first retry delay; doubles each attempt")
+    max_retry_backoff_s: float = _setting(60.0, 0, 86400, doc="cap on the retry delay")
+    max_output_bytes: int = _setting(64 << 10, 1024, 16 << 20, doc="kept bytes of stdout and of stderr per attempt")
+    max_result_bytes: int = _setting(1 << 20, 1024, 15 << 20, doc="largest JSON result an attempt may return")
+    max_open_files: int = _setting(64, 16, 65536, doc="RLIMIT_NOFILE inside an attempt")
+    max_file_mb: int = _setting(64, 1, 65536, doc="RLIMIT_FSIZE inside an attempt")
+    execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")
+    lease_margin_s: float = _setting(15.0, 1, 3600, doc="how long past its timeout a running attempt counts as lost")
+    sweep_interval_s: float = _setting(5.0, 0.1, 3600, doc="how often the worker pool looks for lost attempts")
+    shutdown_grace_s: float = _setting(30.0, 0, 3600, doc="how long stopping workers may finish running jobs")
+    health_timeout_s: float = _setting(0.8, 0.05, 10, doc="deadline of one dependency check")
+    log_format: str = _setting("text", doc="`text` (one readable line) or `json` (one object per line)")
+    log_level: str = _setting("INFO", doc="logging level name")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Build settings from `SLESS_*` variables, then apply keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules; raise ConfigError with a sentence."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            low, high = f.metadata["low"], f.metadata["high"]
+            if low is not None and not low <= value <= high:
+                raise ConfigError(f"{env_name(f.name)}={value} is out of range: it must be between {low} and {high}.")
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ConfigError("SLESS_DEFAULT_TIMEOUT_S must not exceed SLESS_MAX_TIMEOUT_S.")
+        if self.default_memory_mb > self.max_memory_mb:
+            raise ConfigError("SLESS_DEFAULT_MEMORY_MB must not exceed SLESS_MAX_MEMORY_MB.")
+        if self.default_retries > self.max_retries:
+            raise ConfigError("SLESS_DEFAULT_RETRIES must not exceed SLESS_MAX_RETRIES.")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"SLESS_LOG_FORMAT={self.log_format!r} is not one of: text, json.")
+        if not self.queue_name:
+            raise ConfigError("SLESS_QUEUE_NAME must not be empty.")
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as `SLESS_*` variables, to hand to child processes."""
+        return {env_name(f.name): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> Settings:
+        """A copy with some fields changed, validated again."""
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a field, e.g. `SLESS_REDIS_URL`."""
+    return "SLESS_" + field_name.upper()
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, description) of every setting, for docs and `--help`."""
+    return [(env_name(f.name), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    kind = {"int": int, "float": float, "str": str}[f.type]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name(f.name)}={raw!r} is not a valid {f.type}.") from None

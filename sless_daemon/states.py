@@ -1,0 +1,38 @@
+"""The life cycle of a job and the kinds of error an attempt can end with."""
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    """Where a job is. `submitted` covers both "queued" and "waiting for a retry"."""
+
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED)
+
+
+TERMINAL_STATES = [s.value for s in JobState if s.is_terminal]
+
+
+class ErrorType(str, Enum):
+    """Why an attempt failed; `retryable` says whether another attempt may help."""
+
+    EXCEPTION = "exception"  # user code raised
+    SYNTAX = "syntax"  # the code does not compile
+    ENTRY = "entry"  # the named entry function is missing or not callable
+    TIMEOUT = "timeout"  # wall-clock or CPU-time limit reached
+    MEMORY = "memory"  # memory limit reached
+    INVALID_RESULT = "invalid_result"  # the result is not JSON-serialisable
+    RESULT_LIMIT = "result_limit"  # the JSON result is larger than allowed
+    CRASHED = "crashed"  # the attempt's process died without reporting
+    WORKER_LOST = "worker_lost"  # the worker running the attempt disappeared
+
+    @property
+    def retryable(self) -> bool:
+        """Deterministic failures of the code itself are not worth another attempt."""
+        return self not in (ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT)

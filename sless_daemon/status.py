@@ -1,0 +1,33 @@
+"""The public shape of a job: the status document every endpoint and command shows."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+
+def status_document(job: dict) -> dict:
+    """Turn a stored job into the JSON the API returns (jobId, state, result, error, ...)."""
+    return {
+        "jobId": job["_id"],
+        "state": job["state"],
+        "result": json.loads(job["result_json"]) if job.get("result_json") is not None else None,
+        "error": job.get("error"),
+        "attempts": job.get("attempts", 0),
+        "max_attempts": job.get("retries", 0) + 1,
+        "attempt_errors": job.get("attempt_errors", []),
+        "stdout": job.get("stdout", ""),
+        "stderr": job.get("stderr", ""),
+        "submitted_at": iso(job.get("submitted_at")),
+        "started_at": iso(job.get("started_at")),
+        "finished_at": iso(job.get("finished_at")),
+        "duration_ms": job.get("duration_ms"),
+        "retry_at": iso(job.get("retry_at")),
+        "worker": job.get("worker"),
+        "limits": {"timeout_s": job.get("timeout_s"), "memory_mb": job.get("memory_mb"), "retries": job.get("retries")},
+    }
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds, or None."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None

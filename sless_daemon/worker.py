@@ -1,0 +1,141 @@
+"""One worker process: takes job ids from the RQ queue and runs each attempt via the executor.
+
+RQ calls `run_job` by name for every message. The worker never runs user code
+itself: it claims the attempt in MongoDB, asks the executor for an outcome, and
+records it through the lifecycle. Started by the worker pool (see WORKER_ENTRY
+there) with `--name NAME`; settings come from `SLESS_*` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import rq
+from rq.serializers import JSONSerializer
+
+from .errors import DependencyDown
+from .executor import AttemptOutcome, Executor, failed
+from .lifecycle import Lifecycle
+from .logs import configure_logging, summarize
+from .queue import JobQueue, connect_redis
+from .settings import Settings
+from .spec import JobSpec
+from .states import ErrorType
+from .store import OutcomeStore, connect_mongo
+
+log = logging.getLogger("sless.worker")
+
+# RQ imports job functions by name, so the attempt runner of this process is found
+# here; `serve` sets it once at start-up, before the first job can arrive.
+_runner: AttemptRunner | None = None
+
+WRITE_RETRY_FIRST_S = 0.5
+WRITE_RETRY_MAX_S = 10.0
+
+
+def run_job(job_id: str, timeout_s: float) -> None:
+    """RQ entry point: run the next attempt of one job."""
+    if _runner is None:
+        raise RuntimeError("run_job called outside a sless worker process")
+    _runner.run(job_id, timeout_s)
+
+
+def spec_from_job(job: dict) -> JobSpec:
+    """Rebuild the accepted spec from its stored document."""
+    return JobSpec(
+        code=job["code"], input=json.loads(job["input_json"]), timeout_s=job["timeout_s"],
+        memory_mb=job["memory_mb"], retries=job["retries"], entry=job.get("entry"),
+    )
+
+
+class AttemptRunner:
+    """Claims, executes and records one attempt at a time."""
+
+    def __init__(self, lifecycle: Lifecycle, executor: Executor, worker_name: str):
+        self.lifecycle = lifecycle
+        self.executor = executor
+        self.worker_name = worker_name
+
+    def run(self, job_id: str, timeout_s: float) -> None:
+        job = self.lifecycle.start(job_id, timeout_s, self.worker_name)
+        if job is None:
+            log.info("job %s is not waiting (cancelled, running elsewhere or finished); skipped", job_id,
+                     extra={"job_id": job_id})
+            return
+        fields = {"job_id": job_id, "attempt": job["attempts"], "worker": self.worker_name}
+        spec = spec_from_job(job)
+        log.info("job %s started, attempt %d/%d, input %s", job_id, job["attempts"], spec.max_attempts,
+                 summarize(spec.input), extra=fields)
+        context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
+                   "timeout_s": spec.timeout_s}
+        outcome = self.execute(spec, context)
+        decision = self.record(job, outcome)
+        log_outcome(job, outcome, decision, fields)
+
+    def execute(self, spec: JobSpec, context: dict) -> AttemptOutcome:
+        """Run the attempt; a fault of the executor itself fails the attempt, not the worker."""
+        try:
+            return self.executor.run(spec, context)
+        except Exception as e:  # noqa: BLE001 - a poison job must never stop the worker loop
+            log.exception("job %s: the executor failed", context["job_id"], extra={"job_id": context["job_id"]})
+            return AttemptOutcome(error=failed(ErrorType.CRASHED, f"The executor failed: {type(e).__name__}: {e}"))
+
+    def record(self, job: dict, outcome: AttemptOutcome):
+        """Write the outcome, retrying while MongoDB is away: a finished attempt is never dropped."""
+        delay = WRITE_RETRY_FIRST_S
+        while True:
+            try:
+                return self.lifecycle.finish(job, outcome)
+            except DependencyDown as e:
+                log.warning("job %s: cannot record the outcome yet (%s); retrying in %.1f s", job["_id"], e, delay,
+                            extra={"job_id": job["_id"]})
+                time.sleep(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX_S)
+
+
+def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> None:
+    """One readable line per attempt's end: completed, timed out, failed, retry scheduled."""
+    job_id = job["_id"]
+    context = {**fields, "duration_ms": outcome.duration_ms}
+    if outcome.ok:
+        log.info("job %s completed in %.1f ms, result %s", job_id, outcome.duration_ms, summarize(outcome.result),
+                 extra={**context, "state": "completed"})
+        return
+    kind, message = outcome.error["type"], outcome.error["message"]
+    context["error_type"] = kind
+    what = "timed out" if kind == ErrorType.TIMEOUT.value else f"failed ({kind})"
+    if decision.retry:
+        log.warning("job %s %s: %s; retry %d/%d scheduled in %.1f s", job_id, what, message, job["attempts"] + 1,
+                    job["retries"] + 1, decision.delay_s, extra={**context, "state": "submitted"})
+    else:
+        log.error("job %s %s: %s; no retries left", job_id, what, message, extra={**context, "state": "failed"})
+
+
+def build_runner(settings: Settings, name: str, redis_connection) -> AttemptRunner:
+    """Wire the attempt runner from its parts."""
+    store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
+    lifecycle = Lifecycle(settings, store, JobQueue(redis_connection, settings.queue_name))
+    return AttemptRunner(lifecycle, Executor(settings), name)
+
+
+def serve(settings: Settings, name: str) -> None:
+    """Consume the queue until told to stop (SIGTERM/SIGINT: finish the running job first)."""
+    global _runner
+    configure_logging(settings.log_format, settings.log_level, name)
+    connection = connect_redis(settings.redis_url)
+    _runner = build_runner(settings, name, connection)
+    queue = JobQueue(connection, settings.queue_name)
+    worker = rq.SimpleWorker([queue.rq_queue], connection=connection, name=name, serializer=JSONSerializer)
+    log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
+    worker.work(with_scheduler=True, logging_level="WARNING")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one sless worker process.")
+    parser.add_argument("--name", required=True, help="unique worker name (the pool assigns it)")
+    args = parser.parse_args(argv)
+    serve(Settings.from_env(), args.name)
+

@@ -1,0 +1,156 @@
+"""Supervises N worker processes: replaces the dead, recovers their jobs, stops them gently.
+
+Each worker runs in its own session, so a Ctrl-C in the terminal reaches only the
+pool, which then sends every worker exactly one SIGTERM (RQ's warm shutdown: finish
+the running job). A second signal would make RQ stop cold, cutting the job short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import DependencyDown
+from .lifecycle import Lifecycle, utcnow
+from .queue import JobQueue, connect_redis
+from .settings import Settings
+from .store import OutcomeStore, connect_mongo
+
+log = logging.getLogger("sless.pool")
+
+# Not `-m sless_daemon.worker`: that would run the module as __main__, a second copy
+# beside the `sless_daemon.worker` that RQ imports to find `run_job`.
+WORKER_ENTRY = "from sless_daemon.worker import main; main()"
+POLL_S = 0.2
+FAST_CRASH_S = 2.0  # a worker that dies sooner than this after start is crash-looping
+MAX_RESPAWN_DELAY_S = 10.0
+
+
+@dataclass
+class WorkerSlot:
+    """One place in the pool, and the process currently filling it."""
+
+    index: int
+    process: subprocess.Popen | None = None
+    name: str = ""
+    started_at: float = 0.0
+    generation: int = 0
+    respawn_at: float = 0.0
+    crash_streak: int = field(default=0)
+
+
+def worker_name(pool_id: str, index: int, generation: int) -> str:
+    """Unique across hosts and restarts: host, pool pid, slot and generation."""
+    return f"{pool_id}.w{index}.{generation}"
+
+
+class WorkerPool:
+    """Keeps `count` worker processes alive until stopped."""
+
+    def __init__(self, lifecycle: Lifecycle, count: int, env: dict[str, str], sweep_interval_s: float,
+                 grace_s: float):
+        self.lifecycle = lifecycle
+        self.slots = [WorkerSlot(i) for i in range(count)]
+        self.env = env
+        self.sweep_interval_s = sweep_interval_s
+        self.grace_s = grace_s
+        self.pool_id = f"{socket.gethostname()}.{os.getpid()}"
+        self.stop_requested = threading.Event()
+
+    def run(self) -> None:
+        """Start the workers and supervise them until SIGINT or SIGTERM."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self.stop_requested.set())
+        log.info("worker pool %s starting %d workers", self.pool_id, len(self.slots))
+        for slot in self.slots:
+            self.spawn(slot)
+        next_sweep = 0.0
+        while not self.stop_requested.wait(POLL_S):
+            self.replace_dead()
+            if time.monotonic() >= next_sweep:
+                self.sweep_expired_leases()
+                next_sweep = time.monotonic() + self.sweep_interval_s
+        self.shutdown()
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        slot.generation += 1
+        slot.name = worker_name(self.pool_id, slot.index, slot.generation)
+        command = [sys.executable, "-c", WORKER_ENTRY, "--name", slot.name]
+        slot.process = subprocess.Popen(command, env=self.env, start_new_session=True)
+        slot.started_at = time.monotonic()
+        log.info("worker %s started (pid %d)", slot.name, slot.process.pid, extra={"worker": slot.name})
+
+    def replace_dead(self) -> None:
+        """Recover the jobs of workers that died, then start replacements (with backoff)."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is not None:
+                self.bury(slot, f"worker {slot.name} exited with code {slot.process.returncode} during the attempt")
+                slot.crash_streak = slot.crash_streak + 1 if now - slot.started_at < FAST_CRASH_S else 0
+                slot.respawn_at = now + min(MAX_RESPAWN_DELAY_S, 0.5 * (2 ** slot.crash_streak - 1))
+                log.warning("worker %s exited with code %s; replacing it", slot.name, slot.process.returncode,
+                            extra={"worker": slot.name})
+                slot.process = None
+            if slot.process is None and now >= slot.respawn_at:
+                self.spawn(slot)
+
+    def bury(self, slot: WorkerSlot, why: str) -> None:
+        """Kill what the dead worker left (its RQ scheduler, say) and recover its jobs."""
+        _kill_group(slot.process.pid)
+        try:
+            for job in self.lifecycle.store.running_on(slot.name):
+                decision = self.lifecycle.lose(job, why)
+                log.warning("job %s lost with worker %s; %s", job["_id"], slot.name,
+                            "retry scheduled" if decision.retry else "failed: no retries left",
+                            extra={"job_id": job["_id"], "worker": slot.name})
+        except DependencyDown as e:
+            log.error("cannot recover the jobs of worker %s yet: %s (the lease sweep will)", slot.name, e)
+
+    def sweep_expired_leases(self) -> None:
+        """Recover attempts whose lease ran out: their worker, on any host, is gone."""
+        try:
+            for job in self.lifecycle.store.expired_leases(utcnow()):
+                self.lifecycle.lose(job, f"worker {job.get('worker')} stopped reporting; its lease expired")
+                log.warning("job %s: lease of worker %s expired; recovered", job["_id"], job.get("worker"),
+                            extra={"job_id": job["_id"]})
+        except DependencyDown as e:
+            log.warning("lease sweep skipped: %s", e)
+
+    def shutdown(self) -> None:
+        """Warm-stop every worker, wait up to the grace period, then kill and recover the rest."""
+        live = [s for s in self.slots if s.process is not None and s.process.poll() is None]
+        log.info("stopping %d workers (grace %.0f s)", len(live), self.grace_s)
+        for slot in live:
+            slot.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for slot in live:
+            try:
+                slot.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop within the grace period; killing it", slot.name)
+                _kill_group(slot.process.pid)
+                slot.process.wait()
+            self.bury(slot, f"worker {slot.name} was stopped during the attempt")
+        log.info("worker pool stopped")
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def build_pool(settings: Settings, count: int) -> WorkerPool:
+    """Wire a pool whose workers inherit these settings through `SLESS_*` variables."""
+    store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
+    lifecycle = Lifecycle(settings, store, JobQueue(connect_redis(settings.redis_url), settings.queue_name))
+    env = {**os.environ, **settings.to_env()}
+    return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s)

@@ -1,0 +1,128 @@
+"""The `sless` command against a real daemon: output, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sless.exit_codes import ExitStatus
+from stack import free_port
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_submit_wait_prints_the_result(stack):
+    done = stack.cli("submit", str(EXAMPLES / "double.py"), "--input", "21", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "42"
+
+
+def test_submit_prints_the_id_then_status_shows_the_result(stack):
+    done = stack.cli("submit", str(EXAMPLES / "greet.py"), "--input", '{"name": "Bo"}')
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", job_id)
+    stack.wait_terminal(job_id)
+    shown = stack.cli("status", job_id)
+    assert shown.returncode == 0
+    assert "completed" in shown.stdout and "Hello, Bo!" in shown.stdout
+    as_json = json.loads(stack.cli("status", job_id, "--json").stdout)
+    assert as_json["result"] == {"greeting": "Hello, Bo!", "length": 2}
+
+
+def test_submit_json_and_options(stack, tmp_path):
+    (tmp_path / "in.json").write_text('{"name": "Cy", "times": 3}')
+    done = stack.cli("submit", str(EXAMPLES / "greet.py"), "--input-file", str(tmp_path / "in.json"),
+                     "--timeout", "2", "--memory", "128", "--retries", "0", "--json")
+    answer = json.loads(done.stdout)
+    assert answer["status"] == "submitted"
+    doc = stack.wait_terminal(answer["jobId"])
+    assert doc["limits"] == {"timeout_s": 2.0, "memory_mb": 128, "retries": 0}
+    assert doc["result"]["greeting"].count("Cy") == 3
+
+
+def test_input_that_is_not_json_is_a_string(stack):
+    done = stack.cli("submit", "-", "--input", "hello there", "--wait", input="return input.upper()")
+    assert done.stdout.strip() == '"HELLO THERE"'
+
+
+def test_entry_option(stack, tmp_path):
+    (tmp_path / "fn.py").write_text("def handler(x):\n    return x * 3\n")
+    done = stack.cli("submit", str(tmp_path / "fn.py"), "--entry", "handler", "--input", "2", "--wait")
+    assert done.stdout.strip() == "6"
+
+
+def test_failed_job_exits_non_zero_with_the_error(stack):
+    done = stack.cli("submit", str(EXAMPLES / "fail.py"), "--input", "1", "--retries", "0", "--wait")
+    assert done.returncode == ExitStatus.JOB_FAILED
+    assert "exception: ValueError: cannot handle input 1" in done.stderr
+    job = stack.cli("submit", str(EXAMPLES / "slow.py"), "--input", "5", "--timeout", "0.5", "--retries", "0",
+                    "--wait", "--json")
+    assert job.returncode == ExitStatus.JOB_FAILED
+    assert json.loads(job.stdout)["error"]["type"] == "timeout"
+
+
+def test_status_watch_piped_prints_plain_lines_until_the_end(stack):
+    job_id = stack.submit({"code": "import time; time.sleep(0.6); return 'ok'"})
+    watched = stack.cli("status", job_id, "--watch")
+    assert watched.returncode == 0
+    assert job_id in watched.stderr and "completed" in watched.stderr
+    assert '"ok"' in watched.stdout and "\x1b[" not in watched.stderr
+
+
+def test_status_watch_of_a_failing_job_exits_1(stack):
+    job_id = stack.submit({"code": "raise KeyError('k')", "retries": 0})
+    watched = stack.cli("status", job_id, "--watch", "--json")
+    assert watched.returncode == ExitStatus.JOB_FAILED
+    assert json.loads(watched.stdout)["error"]["type"] == "exception"
+
+
+def test_unknown_id_exits_4_with_one_sentence(stack):
+    done = stack.cli("status", "0" * 32)
+    assert done.returncode == ExitStatus.NOT_FOUND
+    assert "No job has the id" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_daemon_exits_3(stack):
+    done = stack.cli("status", "0" * 32, env={"SLESS_URL": f"http://127.0.0.1:{free_port()}"})
+    assert done.returncode == ExitStatus.UNREACHABLE
+    assert "Cannot reach the daemon" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unreadable_file_exits_7(stack, tmp_path):
+    done = stack.cli("submit", str(tmp_path / "missing.py"))
+    assert done.returncode == ExitStatus.FILE_ERROR
+    assert "Cannot read the code file" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "bad.json").write_text("{nope")
+    done = stack.cli("submit", str(EXAMPLES / "double.py"), "--input-file", str(tmp_path / "bad.json"))
+    assert done.returncode == ExitStatus.FILE_ERROR and "not valid JSON" in done.stderr
+
+
+def test_rejected_submission_exits_5(stack):
+    done = stack.cli("submit", "-", "--timeout", "99999", input="return 1")
+    assert done.returncode == ExitStatus.REJECTED
+    assert "'timeout_s' must be between" in done.stderr
+
+
+def test_health_table_and_json(stack):
+    table = stack.cli("health")
+    assert table.returncode == 0, table.stdout + table.stderr
+    for word in ("daemon", "redis", "mongodb", "queue depth", "live workers", "ms"):
+        assert word in table.stdout
+    report = json.loads(stack.cli("health", "--json").stdout)
+    assert report["healthy"] is True and report["queue"]["live_workers"] == 2
+
+
+def test_health_exits_6_when_a_dependency_is_down(make_stack):
+    s = make_stack(workers=0, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    done = s.cli("health")
+    assert done.returncode == ExitStatus.UNAVAILABLE
+    assert "down" in done.stdout
+
+
+def test_bad_setting_is_a_sentence_and_exit_9(stack):
+    done = stack.cli("worker", "--count", "1", env={"SLESS_DEFAULT_TIMEOUT_S": "soon"})
+    assert done.returncode == ExitStatus.CONFIG
+    assert "SLESS_DEFAULT_TIMEOUT_S='soon' is not a valid float" in done.stderr

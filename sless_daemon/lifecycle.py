@@ -107,11 +107,29 @@ class Lifecycle:
             return decision
         retry_at = utcnow() + timedelta(seconds=decision.delay_s)
         fields = {k: v for k, v in fields.items() if k != "finished_at"}
-        if self.store.requeue(job["_id"], attempt, error, fields, retry_at):
-            self.queue.enqueue(job["_id"], job["timeout_s"], delay_s=decision.delay_s)
-        else:
+        if not self.store.requeue(job["_id"], attempt, error, fields, retry_at):
             log.warning("job %s: attempt %d was given up on meanwhile; no retry from it", job["_id"], attempt)
         return decision
+
+    def enqueue_due_retries(self, limit: int = 1000) -> int:
+        """Enqueue the jobs whose retry time has come; returns how many.
+
+        Retries wait in MongoDB (state submitted, `retry_at` set), not in Redis, so a
+        Redis restart cannot lose them and no RQ scheduler process is needed. Safe
+        to run from several places at once: each job is taken atomically.
+        """
+        count = 0
+        while count < limit:
+            job = self.store.take_due_retry(utcnow())
+            if job is None:
+                return count
+            try:
+                self.queue.enqueue(job["_id"], job["timeout_s"])
+            except DependencyDown:
+                self.store.reschedule(job["_id"], utcnow())
+                raise
+            count += 1
+        return count
 
     def _finish(self, job: dict, attempt: int, state: JobState, fields: dict) -> None:
         if not self.store.finish(job["_id"], attempt, state, fields):

@@ -8,7 +8,6 @@ in MongoDB.
 from __future__ import annotations
 
 import functools
-from datetime import timedelta
 
 import redis
 import rq
@@ -22,13 +21,13 @@ RQ_TIMEOUT_MARGIN_S = 60  # RQ's own job timeout is only a safety net behind the
 
 
 def redis_call(method):
-    """Wrap redis-py errors raised by a queue method as DependencyDown("Redis")."""
+    """Wrap redis-py's connection errors and timeouts as DependencyDown("Redis")."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except redis.RedisError as e:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
             raise DependencyDown(REDIS, str(e)[:300]) from e
 
     return wrapper
@@ -53,26 +52,30 @@ class JobQueue:
         return self.rq_queue.name
 
     @redis_call
-    def enqueue(self, job_id: str, timeout_s: float, delay_s: float = 0.0) -> None:
-        """Hand a job to the workers, now or after `delay_s` (RQ's scheduler moves it then)."""
-        options = {
-            "args": (job_id, timeout_s), "job_timeout": int(timeout_s) + RQ_TIMEOUT_MARGIN_S,
-            "result_ttl": 0, "failure_ttl": 24 * 3600, "description": f"sless job {job_id}",
-        }
-        if delay_s > 0:
-            self.rq_queue.enqueue_in(timedelta(seconds=delay_s), RUN_JOB, **options)
-        else:
-            self.rq_queue.enqueue(RUN_JOB, **options)
+    def enqueue(self, job_id: str, timeout_s: float) -> None:
+        """Hand a job to the workers now. (Delayed retries wait in MongoDB, not here.)"""
+        self.rq_queue.enqueue(
+            RUN_JOB, args=(job_id, timeout_s), job_timeout=int(timeout_s) + RQ_TIMEOUT_MARGIN_S,
+            result_ttl=0, failure_ttl=24 * 3600, description=f"sless job {job_id}",
+        )
 
     @redis_call
     def depth(self) -> int:
-        """Jobs waiting in the queue now (not counting scheduled retries)."""
+        """Jobs waiting in the queue now (not counting retries waiting for their time)."""
         return self.rq_queue.count
 
     @redis_call
     def live_workers(self) -> int:
         """Workers registered on this queue whose heartbeat has not expired."""
         return rq.Worker.count(queue=self.rq_queue)
+
+    @redis_call
+    def forget_worker(self, name: str) -> None:
+        """Unregister a dead worker at once, instead of when its heartbeat key expires."""
+        worker = rq.Worker.find_by_key(rq.Worker.redis_worker_namespace_prefix + name, connection=self.connection,
+                                       serializer=JSONSerializer)
+        if worker is not None:
+            worker.register_death()
 
     @redis_call
     def ping(self) -> None:

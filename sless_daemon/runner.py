@@ -108,8 +108,11 @@ def encode_result(result, max_result_bytes: int) -> str:
 
 
 def exception_failure(error: BaseException) -> str:
-    """Print the traceback to the job's stderr and report the exception's summary."""
-    traceback.print_exception(type(error), error, error.__traceback__.tb_next if error.__traceback__ else None)
+    """Print the traceback (user frames only) to the job's stderr and report its summary."""
+    frames = error.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename == __file__:
+        frames = frames.tb_next
+    traceback.print_exception(type(error), error, frames)
     message = "".join(traceback.format_exception_only(type(error), error)).strip()
     return failure("exception", message[:2000])
 

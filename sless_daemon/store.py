@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import pymongo
 from pymongo import ReturnDocument
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure
 
 from .errors import DependencyDown
 from .spec import JobSpec
@@ -25,13 +25,16 @@ MONGO = "MongoDB"
 
 
 def mongo_call(method):
-    """Wrap pymongo errors raised by a store method as DependencyDown("MongoDB")."""
+    """Wrap pymongo's connection errors as DependencyDown("MongoDB").
+
+    Other pymongo errors (a refused operation, say) are bugs, not outages: they pass.
+    """
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except PyMongoError as e:
+        except ConnectionFailure as e:
             raise DependencyDown(MONGO, str(e).split(", Timeout:")[0][:300]) from e
 
     return wrapper
@@ -61,6 +64,7 @@ class OutcomeStore:
         self.jobs.create_index([("submitted_at", -1)])
         self.jobs.create_index([("state", 1), ("lease_until", 1)])
         self.jobs.create_index([("worker", 1)])
+        self.jobs.create_index([("state", 1), ("retry_at", 1)])
 
     @mongo_call
     def insert(self, job_id: str, spec: JobSpec, now: datetime) -> None:
@@ -119,6 +123,19 @@ class OutcomeStore:
              "$push": {"attempt_errors": {"attempt": attempt, **error}}},
         )
         return done.modified_count == 1
+
+    @mongo_call
+    def take_due_retry(self, now: datetime) -> dict | None:
+        """Atomically take one job whose retry time has come, so one sweeper enqueues it."""
+        return self.jobs.find_one_and_update(
+            {"state": JobState.SUBMITTED.value, "retry_at": {"$lte": now}},
+            {"$set": {"retry_at": None}},
+        )  # no projection: FerretDB 1.24 does not implement findAndModify's "fields"
+
+    @mongo_call
+    def reschedule(self, job_id: str, retry_at: datetime) -> None:
+        """Give a taken retry back (its enqueue failed) so a later sweep tries again."""
+        self.jobs.update_one({"_id": job_id, "state": JobState.SUBMITTED.value}, {"$set": {"retry_at": retry_at}})
 
     @mongo_call
     def running_on(self, worker: str) -> list[dict]:

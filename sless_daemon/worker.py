@@ -108,10 +108,11 @@ def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> N
     context["error_type"] = kind
     what = "timed out" if kind == ErrorType.TIMEOUT.value else f"failed ({kind})"
     if decision.retry:
-        log.warning("job %s %s: %s; retry %d/%d scheduled in %.1f s", job_id, what, message, job["attempts"] + 1,
-                    job["retries"] + 1, decision.delay_s, extra={**context, "state": "submitted"})
+        log.warning("job %s %s: %s. Retry %d/%d scheduled in %.1f s.", job_id, what, message.rstrip("."),
+                    job["attempts"] + 1, job["retries"] + 1, decision.delay_s, extra={**context, "state": "submitted"})
     else:
-        log.error("job %s %s: %s; no retries left", job_id, what, message, extra={**context, "state": "failed"})
+        log.error("job %s %s: %s. No retries left.", job_id, what, message.rstrip("."),
+                  extra={**context, "state": "failed"})
 
 
 def build_runner(settings: Settings, name: str, redis_connection) -> AttemptRunner:
@@ -130,7 +131,7 @@ def serve(settings: Settings, name: str) -> None:
     queue = JobQueue(connection, settings.queue_name)
     worker = rq.SimpleWorker([queue.rq_queue], connection=connection, name=name, serializer=JSONSerializer)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
-    worker.work(with_scheduler=True, logging_level="WARNING")
+    worker.work(logging_level="WARNING")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ the running job). A second signal would make RQ stop cold, cutting the job short
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ log = logging.getLogger("sless.pool")
 # Not `-m sless_daemon.worker`: that would run the module as __main__, a second copy
 # beside the `sless_daemon.worker` that RQ imports to find `run_job`.
 WORKER_ENTRY = "from sless_daemon.worker import main; main()"
+PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 FAST_CRASH_S = 2.0  # a worker that dies sooner than this after start is crash-looping
 MAX_RESPAWN_DELAY_S = 10.0
@@ -63,6 +65,7 @@ class WorkerPool:
         self.grace_s = grace_s
         self.pool_id = f"{socket.gethostname()}.{os.getpid()}"
         self.stop_requested = threading.Event()
+        self.retry_outage: str | None = None
 
     def run(self) -> None:
         """Start the workers and supervise them until SIGINT or SIGTERM."""
@@ -74,6 +77,7 @@ class WorkerPool:
         next_sweep = 0.0
         while not self.stop_requested.wait(POLL_S):
             self.replace_dead()
+            self.enqueue_due_retries()
             if time.monotonic() >= next_sweep:
                 self.sweep_expired_leases()
                 next_sweep = time.monotonic() + self.sweep_interval_s
@@ -83,7 +87,7 @@ class WorkerPool:
         slot.generation += 1
         slot.name = worker_name(self.pool_id, slot.index, slot.generation)
         command = [sys.executable, "-c", WORKER_ENTRY, "--name", slot.name]
-        slot.process = subprocess.Popen(command, env=self.env, start_new_session=True)
+        slot.process = subprocess.Popen(command, env=self.env, start_new_session=True, preexec_fn=_stop_with_parent)
         slot.started_at = time.monotonic()
         log.info("worker %s started (pid %d)", slot.name, slot.process.pid, extra={"worker": slot.name})
 
@@ -105,6 +109,10 @@ class WorkerPool:
         """Kill what the dead worker left (its RQ scheduler, say) and recover its jobs."""
         _kill_group(slot.process.pid)
         try:
+            self.lifecycle.queue.forget_worker(slot.name)
+        except DependencyDown as e:
+            log.warning("cannot unregister worker %s: %s", slot.name, e)
+        try:
             for job in self.lifecycle.store.running_on(slot.name):
                 decision = self.lifecycle.lose(job, why)
                 log.warning("job %s lost with worker %s; %s", job["_id"], slot.name,
@@ -112,6 +120,15 @@ class WorkerPool:
                             extra={"job_id": job["_id"], "worker": slot.name})
         except DependencyDown as e:
             log.error("cannot recover the jobs of worker %s yet: %s (the lease sweep will)", slot.name, e)
+
+    def enqueue_due_retries(self) -> None:
+        try:
+            self.lifecycle.enqueue_due_retries()
+            self.retry_outage = None
+        except DependencyDown as e:
+            if self.retry_outage != e.dependency:  # once per outage, not five times a second
+                log.warning("retries not enqueued until %s is back: %s", e.dependency, e)
+            self.retry_outage = e.dependency
 
     def sweep_expired_leases(self) -> None:
         """Recover attempts whose lease ran out: their worker, on any host, is gone."""
@@ -139,6 +156,11 @@ class WorkerPool:
                 slot.process.wait()
             self.bury(slot, f"worker {slot.name} was stopped during the attempt")
         log.info("worker pool stopped")
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: a warm SIGTERM when the pool dies, so no worker is orphaned."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _kill_group(pgid: int) -> None:

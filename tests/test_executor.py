@@ -1,0 +1,113 @@
+"""The executor on its own: real child processes, real limits, no services needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from sless_daemon.executor import Executor
+from sless_daemon.settings import Settings
+from sless_daemon.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def executor():
+    return Executor(Settings.from_env({}, max_output_bytes=4096))
+
+
+def run(executor, code, value=None, **limits):
+    spec = JobSpec(code=code, input=value, timeout_s=limits.get("timeout_s", 2.0),
+                   memory_mb=limits.get("memory_mb", 256), retries=0, entry=limits.get("entry"))
+    return executor.run(spec, {"job_id": "t", "attempt": 1, "max_attempts": 1, "timeout_s": spec.timeout_s})
+
+
+def test_function_body_and_module_forms(executor):
+    assert run(executor, "return input * 2;", 21).result == 42
+    assert run(executor, "def main(x):\n    return x + 1", 1).result == 2
+    assert run(executor, "def helper(x):\n    return x * 10\nreturn helper(input)", 2).result == 20
+    assert run(executor, '"""doc\n  string"""\ns = """a\n  b"""\nreturn s', None).result == "a\n  b"
+
+
+def test_context_reaches_functions_that_take_it(executor):
+    assert run(executor, "def main(x, context):\n    return context['attempt']").result == 1
+    assert run(executor, "return context['job_id']").result == "t"
+
+
+def test_wall_clock_timeout_kills_a_sleeper(executor):
+    outcome = run(executor, "import time; time.sleep(60)", timeout_s=0.5)
+    assert outcome.error["type"] == "timeout"
+    assert outcome.duration_ms < 2000  # the limit fired near 0.5 s
+
+
+def test_cpu_spin_that_ignores_signals_is_killed(executor):
+    code = "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU):\n    signal.signal(s, signal.SIG_IGN)\nwhile True: pass"
+    assert run(executor, code, timeout_s=0.5).error["type"] == "timeout"
+
+
+def test_memory_limit(executor):
+    outcome = run(executor, "x = bytearray(512 << 20)\nreturn len(x)", memory_mb=64)
+    assert outcome.error["type"] == "memory"
+    assert run(executor, "x = bytearray(16 << 20)\nreturn len(x)", memory_mb=128).result == 16 << 20
+
+
+def test_output_is_capped_with_a_marker(executor):
+    outcome = run(executor, "import sys\nfor _ in range(10000):\n    print('z' * 99)\n    print('e' * 99, file=sys.stderr)\nreturn 1")
+    assert outcome.ok
+    for text in (outcome.stdout, outcome.stderr):
+        assert text.count("z" * 99) <= 42 and "[sless: output truncated;" in text
+        assert len(text) < 4096 + 200
+
+
+def test_environment_is_scrubbed(executor):
+    os.environ["SLESS_SECRET_FOR_TEST"] = "leak"
+    try:
+        env = run(executor, "import os; return dict(os.environ)").result
+    finally:
+        del os.environ["SLESS_SECRET_FOR_TEST"]
+    assert not [k for k in env if k.startswith("SLESS_")]
+    assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "LC_CTYPE"}
+
+
+def test_only_the_standard_library_is_importable(executor):
+    outcome = run(executor, "import sless_daemon")
+    assert outcome.error["type"] == "exception" and "ModuleNotFoundError" in outcome.error["message"]
+    assert run(executor, "import json, re, math; return math.floor(2.5)").result == 2
+
+
+def test_crash_exit_and_sys_exit(executor):
+    assert run(executor, "import os; os.abort()").error["type"] == "crashed"
+    assert "code 3" in run(executor, "import os; os._exit(3)").error["message"]
+    assert run(executor, "raise SystemExit(4)").error == {"type": "exception", "message": "SystemExit: 4"}
+
+
+def test_result_limits(executor):
+    assert run(executor, "return 'x' * (2 << 20)").error["type"] == "result_limit"
+    assert run(executor, "return float('inf')").error["type"] == "invalid_result"
+    assert run(executor, "a = []\nfor _ in range(50000): a = [a]\nreturn a").error["type"] == "invalid_result"
+
+
+def test_forged_report_only_affects_its_own_job(executor):
+    """User code can write to its report pipe, but only ever about itself."""
+    outcome = run(executor, "import os, sys\nos.write(int(sys.argv[1]), b'garbage')\nos._exit(0)")
+    assert outcome.error["type"] == "crashed"
+
+
+def test_children_do_not_outlive_the_attempt(executor, tmp_path):
+    marker = tmp_path / "child.pid"
+    code = (f"import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=False)\n"
+            f"open({str(marker)!r}, 'w').write(str(p.pid))\nreturn 1")
+    outcome = run(executor, code)
+    assert outcome.ok
+    pid = int(marker.read_text())
+    time.sleep(0.2)
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    assert state in ("", "Z"), f"child {pid} still alive: {state}"
+
+
+def test_the_executor_survives_a_burst_of_hostile_attempts(executor):
+    for code in ("while True: pass", "import os; os._exit(1)", "return object()", "x = 'y' * (1 << 40)"):
+        run(executor, code, timeout_s=0.3)
+    assert run(executor, "return 'alive'").result == "alive"

@@ -1,0 +1,116 @@
+"""The worker pool with real processes: replacement, lost workers, graceful stop, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from stack import wait_until
+
+SLOW_JOB = "import time\ntime.sleep({seconds})\nreturn 'slept'"
+
+
+def running_worker_pid(stack, job_id: str) -> int:
+    """Wait until the job runs, then return the PID of the worker process holding it."""
+    import rq
+
+    doc = {}
+
+    def running():
+        nonlocal doc
+        doc = stack.get(f"/status/{job_id}").json()
+        return doc["state"] == "running"
+
+    wait_until(running, 20, f"job {job_id} did not start")
+    connection = stack.redis()
+    workers = rq.Worker.all(connection=connection, queue=rq.Queue(stack.queue_name, connection=connection))
+    return next(w.pid for w in workers if w.name == doc["worker"])
+
+
+def test_killed_worker_is_replaced_and_its_job_retried(make_stack):
+    s = make_stack(workers=2)
+    job_id = s.submit({"code": SLOW_JOB.format(seconds=1.5), "retries": 1})
+    victim = running_worker_pid(s, job_id)
+    os.kill(victim, signal.SIGKILL)
+    doc = s.wait_terminal(job_id, timeout_s=30)
+    assert doc["state"] == "completed" and doc["result"] == "slept"
+    assert doc["attempts"] == 2
+    assert doc["attempt_errors"][0]["type"] == "worker_lost"
+    wait_until(lambda: len(s.live_workers()) == 2 and victim not in s.worker_pids(), 20,
+               "the pool did not replace the killed worker")
+    assert "replacing it" in s.log("pool")
+
+
+def test_lost_worker_with_no_retries_left_fails_the_job_as_worker_lost(make_stack):
+    s = make_stack(workers=1)
+    job_id = s.submit({"code": SLOW_JOB.format(seconds=5), "retries": 0})
+    os.kill(running_worker_pid(s, job_id), signal.SIGKILL)
+    doc = s.wait_terminal(job_id, timeout_s=20)
+    assert doc["state"] == "failed" and doc["error"]["type"] == "worker_lost"
+
+
+def test_sigterm_lets_the_running_job_finish(make_stack):
+    s = make_stack(workers=1)
+    job_id = s.submit({"code": SLOW_JOB.format(seconds=1.5), "retries": 0})
+    running_worker_pid(s, job_id)
+    s.pool.send_signal(signal.SIGTERM)
+    assert s.pool.wait(timeout=30) == 0
+    doc = s.get(f"/status/{job_id}").json()
+    assert doc["state"] == "completed" and doc["result"] == "slept"
+    assert s.live_workers() == []
+
+
+def test_sigint_like_ctrl_c_stops_everything_gently(make_stack):
+    s = make_stack(workers=2)
+    job_id = s.submit({"code": SLOW_JOB.format(seconds=1), "retries": 0})
+    running_worker_pid(s, job_id)
+    os.killpg(s.pool.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground group
+    assert s.pool.wait(timeout=30) == 0
+    assert s.get(f"/status/{job_id}").json()["state"] == "completed"
+    assert s.live_workers() == []
+
+
+def test_a_job_longer_than_the_grace_period_is_handed_back_not_left_running(make_stack):
+    s = make_stack(workers=1, shutdown_grace_s=0.5)
+    job_id = s.submit({"code": SLOW_JOB.format(seconds=20), "timeout_s": 30, "retries": 1})
+    running_worker_pid(s, job_id)
+    s.pool.send_signal(signal.SIGTERM)
+    s.pool.wait(timeout=30)
+    doc = s.get(f"/status/{job_id}").json()
+    assert doc["state"] == "submitted", doc  # waiting for a worker again, with the loss recorded
+    assert doc["attempt_errors"][0]["type"] == "worker_lost"
+
+
+def test_output_flood_and_crash_do_not_harm_the_worker(make_stack):
+    s = make_stack(workers=1)
+    flood = s.wait_terminal(s.submit({"code": "for _ in range(300000): print('y' * 100)\nreturn 'flooded'"}))
+    assert flood["state"] == "completed" and flood["result"] == "flooded"
+    assert "[sless: output truncated" in flood["stdout"] and len(flood["stdout"]) < 70_000
+    crash = s.wait_terminal(s.submit({"code": "import os; os.kill(os.getpid(), 11)", "retries": 0}))
+    assert crash["state"] == "failed" and crash["error"]["type"] == "crashed"
+    assert s.wait_terminal(s.submit({"code": "return 'still serving'"}))["result"] == "still serving"
+    assert s.pool.poll() is None and len(s.live_workers()) == 1
+
+
+def test_worker_logs_one_readable_line_per_event(make_stack):
+    s = make_stack(workers=1)
+    s.wait_terminal(s.submit({"code": "return input * 2", "input": 21}))
+    s.wait_terminal(s.submit({"code": "raise ValueError('boom')", "retries": 1}))
+    s.wait_terminal(s.submit({"code": "while True: pass", "timeout_s": 0.3, "retries": 0}))
+    log = s.log("pool")
+    assert "started, attempt 1/3, input 21" in log
+    assert "completed in" in log and "result 42" in log
+    assert "failed (exception): ValueError: boom. Retry 2/2 scheduled in" in log
+    assert "failed (exception): ValueError: boom. No retries left." in log
+    assert "timed out: The attempt ran past its 0.3 s time limit and was killed. No retries left." in log
+
+
+def test_json_log_format(make_stack):
+    s = make_stack(workers=1, log_format="json")
+    job_id = s.submit({"code": "return 1"})
+    s.wait_terminal(job_id)
+    entries = [json.loads(line) for line in s.log("pool").splitlines() if line.startswith("{")]
+    done = [e for e in entries if e.get("job_id") == job_id and e.get("state") == "completed"]
+    assert done and done[0]["attempt"] == 1 and done[0]["duration_ms"] > 0 and done[0]["worker"]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)

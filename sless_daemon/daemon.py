@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -32,7 +34,8 @@ def build_app(settings: Settings):
     health_store = OutcomeStore(connect_mongo(settings.mongo_url, settings.health_timeout_s), settings.mongo_db)
     health_queue = JobQueue(connect_redis(settings.redis_url, settings.health_timeout_s), settings.queue_name)
     health = HealthChecker(health_store, health_queue, settings.health_timeout_s)
-    return make_app(settings, Lifecycle(settings, store, queue), health), store
+    owner = f"daemon.{socket.gethostname()}.{os.getpid()}"
+    return make_app(settings, Lifecycle(settings, store, queue, owner), health), store
 
 
 def ensure_indexes_soon(store: OutcomeStore) -> None:

@@ -55,10 +55,12 @@ def decide_after_failure(attempt: int, max_attempts: int, error_type: ErrorType,
 class Lifecycle:
     """Moves jobs between states in MongoDB and hands them to the queue."""
 
-    def __init__(self, settings: Settings, store: OutcomeStore, queue: JobQueue):
+    def __init__(self, settings: Settings, store: OutcomeStore, queue: JobQueue, owner: str):
+        """`owner` names this process (a worker's or pool's name) in the guards it takes."""
         self.settings = settings
         self.store = store
         self.queue = queue
+        self.owner = owner
 
     def accept(self, spec: JobSpec) -> str:
         """Record then enqueue a new job; on any failure nothing is left behind.
@@ -70,7 +72,7 @@ class Lifecycle:
         self.store.insert(job_id, spec, utcnow())
         try:
             self.queue.enqueue(job_id, spec.timeout_s)
-        except DependencyDown:
+        except Exception:
             self._forget(job_id)
             raise
         return job_id
@@ -81,10 +83,10 @@ class Lifecycle:
         except DependencyDown:
             log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
 
-    def start(self, job_id: str, timeout_s: float, worker: str) -> dict | None:
-        """Claim the job's next attempt for `worker`; None when it is not waiting."""
+    def start(self, job_id: str, timeout_s: float) -> dict | None:
+        """Claim the job's next attempt for this worker; None when it is not waiting."""
         lease_s = timeout_s + self.settings.lease_margin_s
-        return self.store.claim(job_id, worker, utcnow(), lease_s)
+        return self.store.claim(job_id, self.owner, utcnow(), lease_s)
 
     def finish(self, job: dict, outcome: AttemptOutcome) -> Decision:
         """Record an attempt's outcome: completed, retry scheduled, or failed for good."""
@@ -94,21 +96,21 @@ class Lifecycle:
             "finished_at": utcnow(),
         }
         if outcome.ok:
-            fields.update(result_json=json.dumps(outcome.result), error=None)
-            self._finish(job, attempt, JobState.COMPLETED, fields)
+            self._settle(job, attempt, {**fields, "state": JobState.COMPLETED.value,
+                                        "result_json": json.dumps(outcome.result), "error": None})
             return Decision(False)
         return self.fail(job, attempt, outcome.error, fields)
 
     def fail(self, job: dict, attempt: int, error: dict, fields: dict) -> Decision:
         """Retry the job after a failed attempt, or mark it failed when that was the last."""
         decision = decide_after_failure(attempt, job["retries"] + 1, ErrorType(error["type"]), self.settings)
-        if not decision.retry:
-            self._finish(job, attempt, JobState.FAILED, {**fields, "error": error})
-            return decision
-        retry_at = utcnow() + timedelta(seconds=decision.delay_s)
-        fields = {k: v for k, v in fields.items() if k != "finished_at"}
-        if not self.store.requeue(job["_id"], attempt, error, fields, retry_at):
-            log.warning("job %s: attempt %d was given up on meanwhile; no retry from it", job["_id"], attempt)
+        if decision.retry:
+            retry_at = utcnow() + timedelta(seconds=decision.delay_s)
+            changes = {**fields, "state": JobState.SUBMITTED.value, "error": error, "worker": None,
+                       "retry_at": retry_at, "finished_at": None}
+        else:
+            changes = {**fields, "state": JobState.FAILED.value, "error": error}
+        self._settle(job, attempt, changes, error)
         return decision
 
     def enqueue_due_retries(self, limit: int = 1000) -> int:
@@ -119,21 +121,21 @@ class Lifecycle:
         to run from several places at once: each job is taken atomically.
         """
         count = 0
-        while count < limit:
-            job = self.store.take_due_retry(utcnow())
-            if job is None:
-                return count
+        for job in self.store.due_retries(utcnow(), limit):
+            if not self.store.take_retry(job["_id"], job["attempts"], self.owner):
+                continue
             try:
                 self.queue.enqueue(job["_id"], job["timeout_s"])
-            except DependencyDown:
-                self.store.reschedule(job["_id"], utcnow())
+            except Exception:
+                self.store.release_retry(job["_id"], job["attempts"])
                 raise
             count += 1
         return count
 
-    def _finish(self, job: dict, attempt: int, state: JobState, fields: dict) -> None:
-        if not self.store.finish(job["_id"], attempt, state, fields):
-            log.warning("job %s: attempt %d was given up on meanwhile; its outcome is discarded", job["_id"], attempt)
+    def _settle(self, job: dict, attempt: int, changes: dict, error: dict | None = None) -> None:
+        if not self.store.settle(job["_id"], attempt, changes, error, self.owner):
+            log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
+                        job["_id"], attempt)
 
     def lose(self, job: dict, why: str) -> Decision:
         """Recover the attempt of a worker that is gone: retry it or fail it as worker_lost."""

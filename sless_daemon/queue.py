@@ -21,13 +21,17 @@ RQ_TIMEOUT_MARGIN_S = 60  # RQ's own job timeout is only a safety net behind the
 
 
 def redis_call(method):
-    """Wrap redis-py's connection errors and timeouts as DependencyDown("Redis")."""
+    """Wrap redis-py errors as DependencyDown("Redis").
+
+    Besides connection errors and timeouts this covers a Redis that answers but
+    refuses (out of memory, read-only replica, still loading): unavailable either way.
+    """
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except redis.RedisError as e:
             raise DependencyDown(REDIS, str(e)[:300]) from e
 
     return wrapper

@@ -60,7 +60,7 @@ class AttemptRunner:
         self.worker_name = worker_name
 
     def run(self, job_id: str, timeout_s: float) -> None:
-        job = self.lifecycle.start(job_id, timeout_s, self.worker_name)
+        job = self.lifecycle.start(job_id, timeout_s)
         if job is None:
             log.info("job %s is not waiting (cancelled, running elsewhere or finished); skipped", job_id,
                      extra={"job_id": job_id})
@@ -118,7 +118,7 @@ def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> N
 def build_runner(settings: Settings, name: str, redis_connection) -> AttemptRunner:
     """Wire the attempt runner from its parts."""
     store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
-    lifecycle = Lifecycle(settings, store, JobQueue(redis_connection, settings.queue_name))
+    lifecycle = Lifecycle(settings, store, JobQueue(redis_connection, settings.queue_name), owner=name)
     return AttemptRunner(lifecycle, Executor(settings), name)
 
 

@@ -173,6 +173,7 @@ def _kill_group(pgid: int) -> None:
 def build_pool(settings: Settings, count: int) -> WorkerPool:
     """Wire a pool whose workers inherit these settings through `SLESS_*` variables."""
     store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
-    lifecycle = Lifecycle(settings, store, JobQueue(connect_redis(settings.redis_url), settings.queue_name))
+    owner = f"pool.{socket.gethostname()}.{os.getpid()}"
+    lifecycle = Lifecycle(settings, store, JobQueue(connect_redis(settings.redis_url), settings.queue_name), owner)
     env = {**os.environ, **settings.to_env()}
     return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s)

@@ -126,3 +126,68 @@ def test_bad_setting_is_a_sentence_and_exit_9(stack):
     done = stack.cli("worker", "--count", "1", env={"SLESS_DEFAULT_TIMEOUT_S": "soon"})
     assert done.returncode == ExitStatus.CONFIG
     assert "SLESS_DEFAULT_TIMEOUT_S='soon' is not a valid float" in done.stderr
+
+
+def test_up_runs_daemon_and_workers_and_ctrl_c_stops_all(logs_dir):
+    import os
+    import signal
+    import subprocess
+
+    from stack import Stack, sless_command, wait_until
+
+    s = Stack(logs_dir, workers=0, daemon=False)
+    log = open(logs_dir / f"up-{s.port}.log", "wb")
+    up = subprocess.Popen(sless_command("up", "--count", "2"), env=s.env, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        wait_until(lambda: s._answers("/") and len(s.live_workers()) == 2, 20, "sless up did not come up")
+        assert s.post("/execute", {"code": "return input * 2;", "input": 21}).json()["result"] == 42
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert len(children) == 3  # the daemon and two workers
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+        for pid in children:
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+                       open(f"/proc/{pid}/stat").read().split()[2] == "Z", 10, f"process {pid} outlived sless up")
+        assert not s._answers("/")
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        s.stop()
+
+
+def test_status_watch_on_a_terminal_uses_the_live_view(stack):
+    """Run `sless status --watch` on a real pseudo-terminal and read what it drew."""
+    import os
+    import pty
+    import subprocess
+
+    from stack import sless_command
+
+    job_id = stack.submit({"code": "import time; print('tick'); time.sleep(0.8); return 7"})
+    leader, follower = pty.openpty()
+    env = {**stack.env, "SLESS_URL": stack.url, "COLUMNS": "100", "TERM": "xterm-256color"}
+    watcher = subprocess.Popen(sless_command("status", job_id, "--watch"), env=env, stdout=follower,
+                               stderr=follower, stdin=follower)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert watcher.wait(timeout=30) == 0
+    text = screen.decode(errors="replace")
+    assert "running" in text or "submitted" in text
+    assert "completed" in text and "7" in text and "tick" in text
+
+
+def test_debug_flag_shows_a_traceback_for_unexpected_errors(stack):
+    calm = stack.cli("status", "0" * 32, env={"SLESS_URL": "http://[::1"})
+    assert calm.returncode == 10 and "Traceback" not in calm.stderr and "--debug" in calm.stderr
+    loud = stack.cli("--debug", "status", "0" * 32, env={"SLESS_URL": "http://[::1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr

@@ -28,6 +28,7 @@ app = typer.Typer(help="sless: run functions in sandboxes, track every outcome."
                   pretty_exceptions_enable=False, add_completion=True)
 
 TERMINAL = {"completed", "failed"}
+INSECURE_HELP = "Run user code WITHOUT the sandbox (plain processes, rlimits only). Trusted code only."
 WATCH_INTERVAL_S = 0.25
 
 
@@ -232,17 +233,24 @@ def worker(
     redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
     mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
     log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
 ):
     """Run N supervised worker processes in the foreground (Ctrl-C stops them gently)."""
-    run_pool(server_settings(redis_url=redis_url, mongo_url=mongo_url, log_format=log_format), count)
+    settings = server_settings(redis_url=redis_url, mongo_url=mongo_url, log_format=log_format)
+    raise typer.Exit(run_pool(settings, count, insecure_no_sandbox))
 
 
-def run_pool(settings, count: int) -> None:
+def run_pool(settings, count: int, insecure: bool) -> int:
+    """Run the worker pool until stopped; non-zero when the sandbox cannot be created."""
     from sless_daemon.logs import configure_logging
     from sless_daemon.worker_pool import build_pool
 
     configure_logging(settings.log_format, settings.log_level, "pool")
-    build_pool(settings, count).run()
+    code = build_pool(settings, count, insecure).run()
+    if code:
+        raise CliError("The workers cannot create their sandbox; the worker log above says why and how to fix it.",
+                       ExitStatus.SANDBOX_UNAVAILABLE)
+    return code
 
 
 @app.command()
@@ -250,6 +258,7 @@ def up(
     count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
     port: Optional[int] = typer.Option(None, help="Daemon port [env SLESS_PORT, default 3000]."),
     log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
 ):
     """Run the daemon and the workers together in the foreground; Ctrl-C stops all cleanly."""
     import subprocess
@@ -258,7 +267,7 @@ def up(
     env = {**os.environ, **settings.to_env()}
     daemon_process = subprocess.Popen([sys.executable, "-m", "sless", "daemon"], env=env, start_new_session=True)
     try:
-        run_pool(settings, count)
+        run_pool(settings, count, insecure_no_sandbox)
     finally:
         daemon_process.terminate()
         daemon_process.wait(timeout=10)

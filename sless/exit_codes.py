@@ -15,3 +15,4 @@ class ExitStatus(IntEnum):
     NOT_FINISHED = 8  # the job is still submitted or running
     CONFIG = 9  # a setting is invalid
     INTERNAL = 10  # an unexpected error; rerun with --debug for the traceback
+    SANDBOX_UNAVAILABLE = 11  # workers refused to start: bubblewrap cannot create the sandbox here

@@ -1,30 +1,39 @@
-"""Runs one attempt of a job in a fresh OS process, under limits, and reports what happened.
+"""Runs one attempt of a job in a fresh sandbox, under limits, and reports what happened.
 
-The worker calls `Executor.run`; user code only ever runs in the child started here
-(the runner script), never in the worker. The child gets the request on stdin and
-reports on its own pipe; its stdout and stderr are captured and capped. Whatever the
-child does (hang, crash, flood output, fork), the worker gets an AttemptOutcome back
-within the timeout plus a small kill margin.
+The worker calls `Executor.run`; user code only ever runs in the process started
+here (the runner script inside bubblewrap, see sandbox.py), never in the worker.
+The request goes in on stdin, the report comes back on its own pipe, stdout and
+stderr are captured and capped (capture.py). Whatever the code does (hang, crash,
+flood output, fork), the worker gets an AttemptOutcome back within the timeout plus
+a small kill margin, and nothing of the attempt is left running.
+
+Without a sandbox (`--insecure-no-sandbox`, trusted code only) the same runner runs
+as a plain child process with the same rlimits.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import logging
 import math
 import os
 import resource
-import selectors
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .capture import Capture
+from .cgroups import JobCgroup
+from .outcome import AttemptOutcome, failed
+from .sandbox import SANDBOX_ENV, Sandbox, drop_privileges, sandbox_command
+from .seccomp_policy import bpf_fd
 from .settings import Settings
 from .spec import JobSpec
 from .states import ErrorType
@@ -32,140 +41,223 @@ from .states import ErrorType
 log = logging.getLogger(__name__)
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
-READ_CHUNK_BYTES = 64 << 10
-REPORT_SLACK_BYTES = 4096  # room for the report's envelope around the result
-EXIT_DRAIN_S = 0.2  # after the child exits, how long to wait for descendants' last output
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+SANDBOX_OVERHEAD_PROCESSES = 4  # bubblewrap's two processes and some slack, under the slot's uid
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True)
-class AttemptOutcome:
-    """What one attempt produced: a result or an error, plus captured output and time taken."""
+def attempt_rlimits(spec: JobSpec, settings: Settings, own_uid: bool) -> dict[int, tuple[int, int]]:
+    """The rlimits of one attempt: memory, CPU seconds, processes, files, no core dumps.
 
-    result: Any = None
-    error: dict | None = None  # {"type": ErrorType value, "message": str}
-    stdout: str = ""
-    stderr: str = ""
-    duration_ms: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def error_type(self) -> ErrorType | None:
-        return ErrorType(self.error["type"]) if self.error else None
-
-
-def failed(kind: ErrorType, message: str) -> dict:
-    """An error document as stored and shown: {"type", "message"}."""
-    return {"type": kind.value, "message": message}
-
-
-class CappedBuffer:
-    """Keeps the first `limit` bytes of a stream and notes how much was cut."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.kept = 0
-        self.dropped = 0
-
-    def add(self, data: bytes) -> None:
-        room = self.limit - self.kept
-        if room > 0:
-            self.chunks.append(data[:room])
-            self.kept += min(room, len(data))
-        self.dropped += max(0, len(data) - max(room, 0))
-
-    def text(self) -> str:
-        text = b"".join(self.chunks).decode("utf-8", errors="replace")
-        if self.dropped:
-            text += f"\n[sless: output truncated; {self.dropped} more bytes were dropped]\n"
-        return text
-
-
-def attempt_rlimits(spec: JobSpec, settings: Settings) -> dict[int, tuple[int, int]]:
-    """The rlimits of one attempt's process: memory, CPU seconds, files, no core dumps."""
+    RLIMIT_NPROC counts every process of the user on the machine, so it is only set
+    when the attempt runs under a uid of its own (`own_uid`).
+    """
     memory = spec.memory_mb << 20
     cpu_s = math.ceil(spec.timeout_s) + 1  # the wall clock normally fires first
-    return {
+    limits = {
         resource.RLIMIT_AS: (memory, memory),
         resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),
         resource.RLIMIT_NOFILE: (settings.max_open_files, settings.max_open_files),
         resource.RLIMIT_FSIZE: (settings.max_file_mb << 20, settings.max_file_mb << 20),
         resource.RLIMIT_CORE: (0, 0),
     }
-
-
-def runner_command(settings: Settings, report_fd: int) -> list[str]:
-    """The interpreter command line of the runner: isolated mode, no site-packages."""
-    return [sys.executable, "-I", "-S", "-B", str(RUNNER_PATH), str(report_fd), str(settings.max_result_bytes)]
-
-
-def scrubbed_env(home: str) -> dict[str, str]:
-    """The whole environment user code sees: nothing from the worker leaks in."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+    if own_uid:
+        processes = settings.max_processes + SANDBOX_OVERHEAD_PROCESSES
+        limits[resource.RLIMIT_NPROC] = (processes, processes)
+    return limits
 
 
 class Executor:
-    """Starts attempts in fresh processes with the limits the settings allow."""
+    """Starts attempts in fresh sandboxes (or, insecurely, plain processes)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, sandbox: Sandbox | None, name: str = "executor",
+                 reap_orphans: bool = False):
+        """`reap_orphans`: this process is a child subreaper with no children but attempts
+        (a worker), so after each attempt it reaps whatever the attempt orphaned."""
         self.settings = settings
+        self.sandbox = sandbox
+        self.name = name
+        self.reap_orphans = reap_orphans
+        self.runner_source = RUNNER_PATH.read_bytes()
+        self.attempt_numbers = itertools.count(1)
 
     def run(self, spec: JobSpec, context: dict | None = None) -> AttemptOutcome:
         """Run one attempt to its end and return its outcome; never raises for user faults.
 
         `context` (job_id, attempt, ...) reaches functions that take a second parameter.
         """
-        workdir = tempfile.mkdtemp(prefix="sless-attempt-")
-        try:
-            return self._run_in(spec, context or {}, workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    def _run_in(self, spec: JobSpec, context: dict, workdir: str) -> AttemptOutcome:
+        request = json.dumps({"code": spec.code, "input": spec.input, "entry": spec.entry,
+                              "context": context or {}}).encode()
+        cgroup = self._make_cgroup(spec)
         report_r, report_w = os.pipe()
-        request = json.dumps({"code": spec.code, "input": spec.input, "entry": spec.entry, "context": context}).encode()
-        limits = attempt_rlimits(spec, self.settings)
         started = time.monotonic()
+        cleanup = None
         try:
-            child = _spawn(runner_command(self.settings, report_w), limits, workdir, report_w)
+            try:
+                child, cleanup = self._start(spec, report_w, cgroup)
+            except BaseException:
+                os.close(report_r)
+                raise
+            finally:
+                os.close(report_w)
+            capture = Capture(self.settings, report_r)  # closes report_r when done
+            ended_by = capture.pump(child, request, deadline=started + spec.timeout_s)
+            status, usage = _reap(child)
         finally:
-            os.close(report_w)
-        capture = _Capture(self.settings, report_r)
-        timed_out = capture.pump(child, request, deadline=started + spec.timeout_s)
-        status, usage = _reap(child)
-        duration_ms = (time.monotonic() - started) * 1000
+            if cgroup:
+                cgroup.remove()
+            if cleanup:
+                cleanup()
+            if self.reap_orphans:
+                reap_orphans()
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
         stderr = capture.stderr.text()
-        error, result = classify(spec, timed_out, status, usage, capture.report(), stderr)
-        return AttemptOutcome(result, error, capture.stdout.text(), stderr, round(duration_ms, 3))
+        error, result = classify(spec, self.settings, ended_by, status, usage, capture.report(), stderr, cgroup)
+        return AttemptOutcome(result, error, capture.stdout.text(), stderr, duration_ms)
 
+    def _make_cgroup(self, spec: JobSpec) -> JobCgroup | None:
+        if self.sandbox is None or self.sandbox.cgroups is None:
+            return None
+        name = f"{self.name}-{os.getpid()}-{next(self.attempt_numbers)}"
+        return self.sandbox.cgroups.create(name, spec.memory_mb << 20, self.settings.max_processes)
 
-def classify(spec, timed_out, status, usage, report, stderr_text):
-    """Decide (error, result) from how the child ended and what it reported."""
-    if timed_out:
-        return failed(ErrorType.TIMEOUT, f"The attempt ran past its {spec.timeout_s:g} s time limit and was killed."), None
-    if report is not None:
+    def _start(self, spec: JobSpec, report_fd: int, cgroup: JobCgroup | None):
+        """Start the attempt's process; returns it and a clean-up to call after it ended."""
+        runner_args = [str(report_fd), str(self.settings.max_result_bytes)]
+        if self.sandbox is None:
+            return _start_unsandboxed(spec, self.settings, report_fd, runner_args)
+        runner_fd = _data_fd(self.runner_source)
+        seccomp_fd = bpf_fd(self.sandbox.seccomp_bpf)
+        command = sandbox_command(self.sandbox, runner_fd, seccomp_fd, self.settings.tmpfs_mb << 20, runner_args)
+        limits = attempt_rlimits(spec, self.settings, own_uid=self.sandbox.host_uid is not None)
         try:
-            answer = json.loads(report)
-        except (ValueError, RecursionError):
-            answer = None
-        if isinstance(answer, dict) and answer.get("ok") is True:
-            return None, answer.get("result")
-        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-            return _known_error(answer["error"]), None
-        return failed(ErrorType.CRASHED, "The attempt sent back an unreadable report."), None
-    signum = -status if status < 0 else 0
+            child = _spawn(command, (report_fd, runner_fd, seccomp_fd), "/", SANDBOX_ENV, limits,
+                           cgroup, self.sandbox.host_uid)
+        finally:
+            os.close(runner_fd)
+            os.close(seccomp_fd)
+        return child, lambda: None
+
+
+def _start_unsandboxed(spec: JobSpec, settings: Settings, report_fd: int, runner_args: list[str]):
+    """The insecure path: the runner as a plain child in a temporary directory."""
+    workdir = tempfile.mkdtemp(prefix="sless-attempt-")
+    command = [sys.executable, "-I", "-S", "-B", str(RUNNER_PATH), *runner_args]
+    env = {**SANDBOX_ENV, "HOME": workdir, "TMPDIR": workdir}
+    try:
+        child = _spawn(command, (report_fd,), workdir, env, attempt_rlimits(spec, settings, False), None, None)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return child, lambda: shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _data_fd(data: bytes) -> int:
+    """A readable descriptor holding `data` (the runner's source, a few KiB)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
+def _spawn(command, pass_fds, cwd, env, limits, cgroup: JobCgroup | None, uid: int | None):
+    """Start the child in its own session: cgroup, rlimits, unprivileged uid, dies with us."""
+
+    def prepare_child() -> None:  # runs in the child between fork and exec
+        if cgroup:
+            cgroup.join_self()
+        for which, value in limits.items():
+            resource.setrlimit(which, value)
+        drop_privileges(uid)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after the uid change, which clears it
+
+    return subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
+        cwd=cwd, env=env, start_new_session=True, preexec_fn=prepare_child,
+    )
+
+
+def become_subreaper() -> None:
+    """Orphans of our attempts are re-parented to us (not to a PID 1 that may never reap them)."""
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans() -> None:
+    """Collect every exited child; only for processes whose children are all attempts."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _reap(child) -> tuple[int, Any]:
+    """Kill whatever is left of the child's process group and collect its status."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        _, raw_status, usage = os.wait4(child.pid, 0)
+    except ChildProcessError:
+        return child.returncode or 0, None
+    child.returncode = os.waitstatus_to_exitcode(raw_status)
+    return child.returncode, usage
+
+
+def classify(spec: JobSpec, settings: Settings, ended_by: str, status: int, usage, report: str | None,
+             stderr_text: str, cgroup: JobCgroup | None):
+    """Decide (error, result) from how the attempt ended and what it reported."""
+    if ended_by == "timeout":
+        return failed(ErrorType.TIMEOUT, f"The attempt ran past its {spec.timeout_s:g} s time limit and was killed."), None
+    if ended_by == "output_limit":
+        return failed(ErrorType.OUTPUT_LIMIT, f"The attempt wrote more than {settings.max_output_flood_bytes} bytes "
+                                              "of output and was killed."), None
+    if report is not None:
+        return _from_report(report, spec)
+    if cgroup and cgroup.memory_exhausted():
+        return _out_of_memory(spec), None
+    signum = _signal_of(status)
     cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
     if signum in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= math.ceil(spec.timeout_s):
-        return failed(ErrorType.TIMEOUT, f"The attempt used its {math.ceil(spec.timeout_s) + 1} s of CPU time and was killed."), None
+        return failed(ErrorType.TIMEOUT, f"The attempt used its {math.ceil(spec.timeout_s) + 1} s of CPU time "
+                                         "and was killed."), None
     if "MemoryError" in stderr_text[-4096:] or "Cannot allocate memory" in stderr_text[-4096:]:
-        return failed(ErrorType.MEMORY, f"The attempt ran out of its {spec.memory_mb} MiB of memory."), None
+        return _out_of_memory(spec), None
+    if cgroup and cgroup.pids_exhausted():
+        return failed(ErrorType.PROCESS_LIMIT, f"The attempt reached its limit of {settings.max_processes} "
+                                               "processes and threads."), None
     how = f"was killed by {signal.Signals(signum).name}" if signum else f"exited with code {status}"
     return failed(ErrorType.CRASHED, f"The attempt's process {how} before reporting a result."), None
+
+
+def _from_report(report: str, spec: JobSpec):
+    try:
+        answer = json.loads(report)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and answer.get("ok") is True:
+        return None, answer.get("result")
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        error = _known_error(answer["error"])
+        return (_out_of_memory(spec) if error["type"] == ErrorType.MEMORY.value else error), None
+    return failed(ErrorType.CRASHED, "The attempt sent back an unreadable report."), None
+
+
+def _out_of_memory(spec: JobSpec) -> dict:
+    return failed(ErrorType.MEMORY, f"The attempt ran out of its {spec.memory_mb} MiB memory limit.")
+
+
+def _signal_of(status: int) -> int:
+    """The signal that ended the process: negative status directly, or bubblewrap's 128+N."""
+    if status < 0:
+        return -status
+    if 128 < status < 128 + 65:
+        return status - 128
+    return 0
 
 
 def _known_error(error: dict) -> dict:
@@ -175,115 +267,3 @@ def _known_error(error: dict) -> dict:
     except ValueError:
         kind = ErrorType.CRASHED
     return failed(kind, str(error.get("message", ""))[:4000])
-
-
-def _spawn(command: list[str], limits: dict, workdir: str, report_fd: int):
-    """Start the child in its own session, with rlimits, killed if the worker dies."""
-    import subprocess
-
-    def prepare_child() -> None:  # runs in the child between fork and exec
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        for which, value in limits.items():
-            resource.setrlimit(which, value)
-
-    return subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        pass_fds=(report_fd,), cwd=workdir, env=scrubbed_env(workdir),
-        start_new_session=True, preexec_fn=prepare_child,
-    )
-
-
-def _reap(child) -> tuple[int, Any]:
-    """Kill whatever is left of the child's process group and collect its status."""
-    _kill_group(child.pid)
-    try:
-        _, raw_status, usage = os.wait4(child.pid, 0)
-    except ChildProcessError:
-        return child.returncode or 0, None
-    child.returncode = os.waitstatus_to_exitcode(raw_status)
-    return child.returncode, usage
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class _Capture:
-    """Feeds the child its request and drains its stdout, stderr and report pipes."""
-
-    def __init__(self, settings: Settings, report_fd: int):
-        self.stdout = CappedBuffer(settings.max_output_bytes)
-        self.stderr = CappedBuffer(settings.max_output_bytes)
-        self.report_buffer = CappedBuffer(settings.max_result_bytes + REPORT_SLACK_BYTES)
-        self.report_fd = report_fd
-
-    def pump(self, child, request: bytes, deadline: float) -> bool:
-        """Move bytes until every pipe closes or the deadline passes; True if it passed."""
-        selector = selectors.DefaultSelector()
-        sinks = {child.stdout.fileno(): self.stdout, child.stderr.fileno(): self.stderr,
-                 self.report_fd: self.report_buffer}
-        for fd in sinks:
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ)
-        stdin_fd = child.stdin.fileno()
-        os.set_blocking(stdin_fd, False)
-        selector.register(stdin_fd, selectors.EVENT_WRITE)
-        exit_fd = os.pidfd_open(child.pid)
-        selector.register(exit_fd, selectors.EVENT_READ)
-        pending = memoryview(request)
-        exited = False
-        try:
-            while selector.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return not exited
-                for key, _ in selector.select(remaining):
-                    fd = key.fd
-                    if fd == exit_fd:
-                        selector.unregister(exit_fd)
-                        exited = True
-                        deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
-                    elif fd == stdin_fd:
-                        pending = self._feed(selector, child.stdin, pending)
-                    else:
-                        self._drain(selector, fd, sinks[fd])
-            return False
-        finally:
-            selector.close()
-            os.close(exit_fd)
-            for stream in (child.stdin, child.stdout, child.stderr):
-                stream.close()
-            os.close(self.report_fd)
-
-    def report(self) -> str | None:
-        if self.report_buffer.dropped:
-            return json.dumps({"ok": False, "error": failed(ErrorType.RESULT_LIMIT, "The result is larger than the limit.")})
-        data = b"".join(self.report_buffer.chunks)
-        return data.decode("utf-8", errors="replace") if data else None
-
-    @staticmethod
-    def _feed(selector, stdin, pending: memoryview) -> memoryview:
-        fd = stdin.fileno()
-        try:
-            written = os.write(fd, pending[:READ_CHUNK_BYTES])
-        except BrokenPipeError:
-            written = len(pending)
-        pending = pending[written:]
-        if not pending:
-            selector.unregister(fd)
-            stdin.close()
-        return pending
-
-    @staticmethod
-    def _drain(selector, fd: int, sink: CappedBuffer) -> None:
-        try:
-            data = os.read(fd, READ_CHUNK_BYTES)
-        except BlockingIOError:
-            return
-        if data:
-            sink.add(data)
-        else:
-            selector.unregister(fd)

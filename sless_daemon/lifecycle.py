@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from .errors import DependencyDown
-from .executor import AttemptOutcome, failed
+from .outcome import AttemptOutcome, failed
 from .queue import JobQueue
 from .settings import Settings
 from .spec import JobSpec

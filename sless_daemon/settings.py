@@ -43,6 +43,11 @@ class Settings:
     max_result_bytes: int = _setting(1 << 20, 1024, 15 << 20, doc="largest JSON result an attempt may return")
     max_open_files: int = _setting(64, 16, 65536, doc="RLIMIT_NOFILE inside an attempt")
     max_file_mb: int = _setting(64, 1, 65536, doc="RLIMIT_FSIZE inside an attempt")
+    max_processes: int = _setting(64, 4, 4096, doc="processes and threads one attempt may have at once")
+    max_output_flood_bytes: int = _setting(8 << 20, 1024, 1 << 30, doc="stdout+stderr bytes past which an attempt is killed (output_limit)")
+    tmpfs_mb: int = _setting(64, 1, 65536, doc="size of the sandbox's writable /work (and /tmp)")
+    sandbox_python: str = _setting("", doc="interpreter inside the sandbox; empty: /usr/bin/python3, else this one")
+    sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
     execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")
     lease_margin_s: float = _setting(15.0, 1, 3600, doc="how long past its timeout a running attempt counts as lost")
     sweep_interval_s: float = _setting(5.0, 0.1, 3600, doc="how often the worker pool looks for lost attempts")
@@ -80,6 +85,8 @@ class Settings:
             raise ConfigError("SLESS_DEFAULT_RETRIES must not exceed SLESS_MAX_RETRIES.")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"SLESS_LOG_FORMAT={self.log_format!r} is not one of: text, json.")
+        if self.max_output_flood_bytes < self.max_output_bytes:
+            raise ConfigError("SLESS_MAX_OUTPUT_FLOOD_BYTES must be at least SLESS_MAX_OUTPUT_BYTES.")
         if not self.queue_name:
             raise ConfigError("SLESS_QUEUE_NAME must not be empty.")
 

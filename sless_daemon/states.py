@@ -27,6 +27,8 @@ class ErrorType(str, Enum):
     ENTRY = "entry"  # the named entry function is missing or not callable
     TIMEOUT = "timeout"  # wall-clock or CPU-time limit reached
     MEMORY = "memory"  # memory limit reached
+    OUTPUT_LIMIT = "output_limit"  # stdout+stderr flooded past the hard limit
+    PROCESS_LIMIT = "process_limit"  # too many processes or threads at once
     INVALID_RESULT = "invalid_result"  # the result is not JSON-serialisable
     RESULT_LIMIT = "result_limit"  # the JSON result is larger than allowed
     CRASHED = "crashed"  # the attempt's process died without reporting
@@ -35,4 +37,5 @@ class ErrorType(str, Enum):
     @property
     def retryable(self) -> bool:
         """Deterministic failures of the code itself are not worth another attempt."""
-        return self not in (ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT)
+        return self not in (ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT,
+                            ErrorType.OUTPUT_LIMIT, ErrorType.PROCESS_LIMIT)

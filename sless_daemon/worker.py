@@ -17,10 +17,13 @@ import rq
 from rq.serializers import JSONSerializer
 
 from .errors import DependencyDown
-from .executor import AttemptOutcome, Executor, failed
+from .errors import SandboxUnavailable
+from .executor import Executor, become_subreaper
 from .lifecycle import Lifecycle
 from .logs import configure_logging, summarize
+from .outcome import AttemptOutcome, failed
 from .queue import JobQueue, connect_redis
+from .sandbox import Sandbox, build_sandbox
 from .settings import Settings
 from .spec import JobSpec
 from .states import ErrorType
@@ -32,6 +35,7 @@ log = logging.getLogger("sless.worker")
 # here; `serve` sets it once at start-up, before the first job can arrive.
 _runner: AttemptRunner | None = None
 
+SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning forever
 WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
 
@@ -115,19 +119,34 @@ def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> N
                   extra={**context, "state": "failed"})
 
 
-def build_runner(settings: Settings, name: str, redis_connection) -> AttemptRunner:
+def build_runner(settings: Settings, name: str, redis_connection, sandbox: Sandbox | None) -> AttemptRunner:
     """Wire the attempt runner from its parts."""
     store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
     lifecycle = Lifecycle(settings, store, JobQueue(redis_connection, settings.queue_name), owner=name)
-    return AttemptRunner(lifecycle, Executor(settings), name)
+    return AttemptRunner(lifecycle, Executor(settings, sandbox, name, reap_orphans=True), name)
 
 
-def serve(settings: Settings, name: str) -> None:
+def prepare_sandbox(settings: Settings, slot: int, insecure: bool) -> Sandbox | None:
+    """The sandbox every attempt will use, proven to start; None only when explicitly insecure."""
+    if insecure:
+        log.warning("INSECURE: --insecure-no-sandbox given: user code runs as plain processes on this host, "
+                    "with rlimits only. Never do this with code you do not trust.")
+        return None
+    sandbox = build_sandbox(settings.sandbox_python, settings.sandbox_uid_base, slot)
+    log.info("sandbox ready: bubblewrap %s, python %s, host uid %s, cgroups %s", sandbox.bwrap, sandbox.python,
+             sandbox.host_uid if sandbox.host_uid is not None else "(own)",
+             f"v{sandbox.cgroups.version}" if sandbox.cgroups else "unavailable (rlimits only)")
+    return sandbox
+
+
+def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) -> None:
     """Consume the queue until told to stop (SIGTERM/SIGINT: finish the running job first)."""
     global _runner
     configure_logging(settings.log_format, settings.log_level, name)
+    become_subreaper()
+    sandbox = prepare_sandbox(settings, slot, insecure)
     connection = connect_redis(settings.redis_url)
-    _runner = build_runner(settings, name, connection)
+    _runner = build_runner(settings, name, connection, sandbox)
     queue = JobQueue(connection, settings.queue_name)
     worker = rq.SimpleWorker([queue.rq_queue], connection=connection, name=name, serializer=JSONSerializer)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
@@ -137,6 +156,12 @@ def serve(settings: Settings, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one sless worker process.")
     parser.add_argument("--name", required=True, help="unique worker name (the pool assigns it)")
+    parser.add_argument("--slot", type=int, default=0, help="the pool slot: picks the sandbox's host uid")
+    parser.add_argument("--insecure-no-sandbox", action="store_true", help="run user code without a sandbox")
     args = parser.parse_args(argv)
-    serve(Settings.from_env(), args.name)
+    try:
+        serve(Settings.from_env(), args.name, args.slot, args.insecure_no_sandbox)
+    except SandboxUnavailable as e:
+        log.critical("worker %s refuses to start: %s", args.name, e)
+        raise SystemExit(SANDBOX_UNAVAILABLE_EXIT) from None
 

@@ -23,6 +23,7 @@ from .lifecycle import Lifecycle, utcnow
 from .queue import JobQueue, connect_redis
 from .settings import Settings
 from .store import OutcomeStore, connect_mongo
+from .worker import SANDBOX_UNAVAILABLE_EXIT
 
 log = logging.getLogger("sless.pool")
 
@@ -57,7 +58,7 @@ class WorkerPool:
     """Keeps `count` worker processes alive until stopped."""
 
     def __init__(self, lifecycle: Lifecycle, count: int, env: dict[str, str], sweep_interval_s: float,
-                 grace_s: float):
+                 grace_s: float, insecure: bool = False):
         self.lifecycle = lifecycle
         self.slots = [WorkerSlot(i) for i in range(count)]
         self.env = env
@@ -66,9 +67,11 @@ class WorkerPool:
         self.pool_id = f"{socket.gethostname()}.{os.getpid()}"
         self.stop_requested = threading.Event()
         self.retry_outage: str | None = None
+        self.insecure = insecure
+        self.exit_code = 0
 
-    def run(self) -> None:
-        """Start the workers and supervise them until SIGINT or SIGTERM."""
+    def run(self) -> int:
+        """Start the workers and supervise them until SIGINT or SIGTERM; returns an exit code."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stop_requested.set())
         log.info("worker pool %s starting %d workers", self.pool_id, len(self.slots))
@@ -82,11 +85,14 @@ class WorkerPool:
                 self.sweep_expired_leases()
                 next_sweep = time.monotonic() + self.sweep_interval_s
         self.shutdown()
+        return self.exit_code
 
     def spawn(self, slot: WorkerSlot) -> None:
         slot.generation += 1
         slot.name = worker_name(self.pool_id, slot.index, slot.generation)
-        command = [sys.executable, "-c", WORKER_ENTRY, "--name", slot.name]
+        command = [sys.executable, "-c", WORKER_ENTRY, "--name", slot.name, "--slot", str(slot.index)]
+        if self.insecure:
+            command.append("--insecure-no-sandbox")
         slot.process = subprocess.Popen(command, env=self.env, start_new_session=True, preexec_fn=_stop_with_parent)
         slot.started_at = time.monotonic()
         log.info("worker %s started (pid %d)", slot.name, slot.process.pid, extra={"worker": slot.name})
@@ -95,6 +101,11 @@ class WorkerPool:
         """Recover the jobs of workers that died, then start replacements (with backoff)."""
         now = time.monotonic()
         for slot in self.slots:
+            if slot.process is not None and slot.process.poll() == SANDBOX_UNAVAILABLE_EXIT:
+                log.critical("worker %s could not create its sandbox (see above); stopping the pool", slot.name)
+                self.exit_code = SANDBOX_UNAVAILABLE_EXIT
+                self.stop_requested.set()
+                return
             if slot.process is not None and slot.process.poll() is not None:
                 self.bury(slot, f"worker {slot.name} exited with code {slot.process.returncode} during the attempt")
                 slot.crash_streak = slot.crash_streak + 1 if now - slot.started_at < FAST_CRASH_S else 0
@@ -170,10 +181,10 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def build_pool(settings: Settings, count: int) -> WorkerPool:
+def build_pool(settings: Settings, count: int, insecure: bool = False) -> WorkerPool:
     """Wire a pool whose workers inherit these settings through `SLESS_*` variables."""
     store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
     owner = f"pool.{socket.gethostname()}.{os.getpid()}"
     lifecycle = Lifecycle(settings, store, JobQueue(connect_redis(settings.redis_url), settings.queue_name), owner)
     env = {**os.environ, **settings.to_env()}
-    return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s)
+    return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s, insecure)

@@ -9,13 +9,18 @@ import time
 import pytest
 
 from sless_daemon.executor import Executor
+from sless_daemon.sandbox import build_sandbox
 from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
 
+SETTINGS = Settings.from_env({}, max_output_bytes=4096, max_output_flood_bytes=1 << 20)
 
-@pytest.fixture(scope="module")
-def executor():
-    return Executor(Settings.from_env({}, max_output_bytes=4096))
+
+@pytest.fixture(scope="module", params=["sandboxed", "insecure"])
+def executor(request):
+    """Both executor paths: the bubblewrap sandbox, and the explicit insecure mode."""
+    sandbox = build_sandbox("", SETTINGS.sandbox_uid_base + 90, slot=0) if request.param == "sandboxed" else None
+    return Executor(SETTINGS, sandbox)
 
 
 def run(executor, code, value=None, **limits):
@@ -53,8 +58,14 @@ def test_memory_limit(executor):
     assert run(executor, "x = bytearray(16 << 20)\nreturn len(x)", memory_mb=128).result == 16 << 20
 
 
+def test_output_flood_ends_the_attempt(executor):
+    outcome = run(executor, "import sys\nwhile True: sys.stdout.write('f' * 65536)")
+    assert outcome.error["type"] == "output_limit"
+    assert len(outcome.stdout) < 4096 + 200
+
+
 def test_output_is_capped_with_a_marker(executor):
-    outcome = run(executor, "import sys\nfor _ in range(10000):\n    print('z' * 99)\n    print('e' * 99, file=sys.stderr)\nreturn 1")
+    outcome = run(executor, "import sys\nfor _ in range(2000):\n    print('z' * 99)\n    print('e' * 99, file=sys.stderr)\nreturn 1")
     assert outcome.ok
     for text in (outcome.stdout, outcome.stderr):
         assert text.count("z" * 99) <= 42 and "[sless: output truncated;" in text
@@ -68,7 +79,7 @@ def test_environment_is_scrubbed(executor):
     finally:
         del os.environ["SLESS_SECRET_FOR_TEST"]
     assert not [k for k in env if k.startswith("SLESS_")]
-    assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "LC_CTYPE"}
+    assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "PWD"}
 
 
 def test_only_the_standard_library_is_importable(executor):
@@ -95,16 +106,26 @@ def test_forged_report_only_affects_its_own_job(executor):
     assert outcome.error["type"] == "crashed"
 
 
-def test_children_do_not_outlive_the_attempt(executor, tmp_path):
-    marker = tmp_path / "child.pid"
-    code = (f"import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=False)\n"
-            f"open({str(marker)!r}, 'w').write(str(p.pid))\nreturn 1")
-    outcome = run(executor, code)
-    assert outcome.ok
-    pid = int(marker.read_text())
+@pytest.fixture(scope="module")
+def sandboxed():
+    return Executor(SETTINGS, build_sandbox("", SETTINGS.sandbox_uid_base + 91, slot=0))
+
+
+def test_children_do_not_outlive_the_attempt(sandboxed):
+    """A child that detaches (new session, ignores SIGHUP) is still gone when the attempt ends.
+
+    Only the sandbox promises this (its PID namespace dies with the attempt); the
+    insecure mode kills the process group, which a new session leaves.
+    """
+    executor = sandboxed
+    code = ("import os, signal, subprocess\n"
+            "p = subprocess.Popen(['/usr/bin/sleep', '37.5'], start_new_session=True, preexec_fn=lambda: "
+            "signal.signal(signal.SIGHUP, signal.SIG_IGN))\nreturn p.pid")
+    assert run(executor, code).ok
     time.sleep(0.2)
-    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-    assert state in ("", "Z"), f"child {pid} still alive: {state}"
+    survivors = subprocess.run(["pgrep", "-f", "sleep 37.5"], capture_output=True, text=True).stdout.split()
+    states = [open(f"/proc/{pid}/stat").read().split()[2] for pid in survivors if os.path.exists(f"/proc/{pid}")]
+    assert all(state == "Z" for state in states), f"the detached child outlived its attempt: {survivors}"
 
 
 def test_the_executor_survives_a_burst_of_hostile_attempts(executor):

@@ -84,9 +84,11 @@ def test_a_job_longer_than_the_grace_period_is_handed_back_not_left_running(make
 
 def test_output_flood_and_crash_do_not_harm_the_worker(make_stack):
     s = make_stack(workers=1)
-    flood = s.wait_terminal(s.submit({"code": "for _ in range(300000): print('y' * 100)\nreturn 'flooded'"}))
-    assert flood["state"] == "completed" and flood["result"] == "flooded"
-    assert "[sless: output truncated" in flood["stdout"] and len(flood["stdout"]) < 70_000
+    chatty = s.wait_terminal(s.submit({"code": "for _ in range(20000): print('y' * 100)\nreturn 'chatty'"}))
+    assert chatty["state"] == "completed" and chatty["result"] == "chatty"
+    assert "[sless: output truncated" in chatty["stdout"] and len(chatty["stdout"]) < 70_000
+    flood = s.wait_terminal(s.submit({"code": "while True: print('y' * 1000)", "retries": 2}))
+    assert flood["state"] == "failed" and flood["error"]["type"] == "output_limit" and flood["attempts"] == 1
     crash = s.wait_terminal(s.submit({"code": "import os; os.kill(os.getpid(), 11)", "retries": 0}))
     assert crash["state"] == "failed" and crash["error"]["type"] == "crashed"
     assert s.wait_terminal(s.submit({"code": "return 'still serving'"}))["result"] == "still serving"

@@ -1,0 +1,135 @@
+"""Moving bytes between the worker and one attempt: request in; stdout, stderr and report out.
+
+Everything is capped: output beyond its cap is counted and dropped (with a marker),
+a flood past the hard limit ends the attempt, and the report is bounded by the
+result limit. The worker's memory never depends on what the job writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import time
+
+from .outcome import failed
+from .settings import Settings
+from .states import ErrorType
+
+READ_CHUNK_BYTES = 64 << 10
+REPORT_SLACK_BYTES = 4096  # room for the report's envelope around the result
+EXIT_DRAIN_S = 0.2  # after the child exits, how long to wait for descendants' last output
+
+
+class CappedBuffer:
+    """Keeps the first `limit` bytes of a stream and notes how much was cut."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.dropped
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.kept
+        if room > 0:
+            self.chunks.append(data[:room])
+            self.kept += min(room, len(data))
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def text(self) -> str:
+        text = b"".join(self.chunks).decode("utf-8", errors="replace")
+        if self.dropped:
+            text += f"\n[sless: output truncated; {self.dropped} more bytes were dropped]\n"
+        return text
+
+
+class Capture:
+    """Feeds the child its request and drains its stdout, stderr and report pipes."""
+
+    def __init__(self, settings: Settings, report_fd: int):
+        self.stdout = CappedBuffer(settings.max_output_bytes)
+        self.stderr = CappedBuffer(settings.max_output_bytes)
+        self.report_buffer = CappedBuffer(settings.max_result_bytes + REPORT_SLACK_BYTES)
+        self.report_fd = report_fd
+        self.flood_bytes = settings.max_output_flood_bytes
+
+    def pump(self, child, request: bytes, deadline: float) -> str:
+        """Move bytes until every pipe closes, the deadline passes or output floods.
+
+        Returns why it stopped: "exited", "timeout" or "output_limit".
+        """
+        selector = selectors.DefaultSelector()
+        sinks = {child.stdout.fileno(): self.stdout, child.stderr.fileno(): self.stderr,
+                 self.report_fd: self.report_buffer}
+        for fd in sinks:
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ)
+        stdin_fd = child.stdin.fileno()
+        os.set_blocking(stdin_fd, False)
+        selector.register(stdin_fd, selectors.EVENT_WRITE)
+        exit_fd = os.pidfd_open(child.pid)
+        selector.register(exit_fd, selectors.EVENT_READ)
+        pending = memoryview(request)
+        exited = False
+        try:
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "exited" if exited else "timeout"
+                for key, _ in selector.select(remaining):
+                    if key.fd == exit_fd:
+                        selector.unregister(exit_fd)
+                        exited = True
+                        deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
+                    elif key.fd == stdin_fd:
+                        pending = self._feed(selector, child.stdin, pending)
+                    else:
+                        self._drain(selector, key.fd, sinks[key.fd])
+                if self.output_bytes > self.flood_bytes:
+                    return "output_limit"
+            return "exited"
+        finally:
+            selector.close()
+            os.close(exit_fd)
+            for stream in (child.stdin, child.stdout, child.stderr):
+                stream.close()
+            os.close(self.report_fd)
+
+    @property
+    def output_bytes(self) -> int:
+        return self.stdout.total + self.stderr.total
+
+    def report(self) -> str | None:
+        if self.report_buffer.dropped:
+            return json.dumps({"ok": False, "error": failed(ErrorType.RESULT_LIMIT, "The result is larger than the limit.")})
+        data = b"".join(self.report_buffer.chunks)
+        return data.decode("utf-8", errors="replace") if data else None
+
+    @staticmethod
+    def _feed(selector, stdin, pending: memoryview) -> memoryview:
+        fd = stdin.fileno()
+        try:
+            written = os.write(fd, pending[:READ_CHUNK_BYTES])
+        except BrokenPipeError:
+            written = len(pending)
+        pending = pending[written:]
+        if not pending:
+            selector.unregister(fd)
+            stdin.close()
+        return pending
+
+    @staticmethod
+    def _drain(selector, fd: int, sink: CappedBuffer) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        if data:
+            sink.add(data)
+        else:
+            selector.unregister(fd)

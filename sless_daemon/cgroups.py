@@ -1,0 +1,149 @@
+"""Per-job control groups: memory and process limits that hold for a job's whole process tree.
+
+rlimits are per process (RLIMIT_AS) or per user across the machine (RLIMIT_NPROC), so
+a job that forks could add up past its memory limit or starve a neighbour of process
+slots. A cgroup per attempt caps the job as a whole. Both cgroup v2 (unified, with
+the memory and pids controllers) and v1 (separate memory and pids hierarchies) are
+supported; where neither is writable (an unprivileged container), `detect` returns
+None and the sandbox relies on rlimits and a user id per worker slot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+GROUP = "sless"
+
+
+class JobCgroup:
+    """The cgroup(s) of one attempt: limits set at creation, removed after the attempt."""
+
+    def __init__(self, dirs: list[Path], version: int):
+        self.dirs = dirs
+        self.version = version
+
+    def join_self(self) -> None:
+        """Move the calling process in (used in the child between fork and exec)."""
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text("0")
+
+    def memory_exhausted(self) -> bool:
+        """Whether the kernel had to kill or refuse memory inside this cgroup."""
+        for d in self.dirs:
+            events = d / ("memory.events" if self.version == 2 else "memory.oom_control")
+            if events.exists() and _counter(events.read_text(), "oom_kill") > 0:
+                return True
+            failcnt = d / "memory.failcnt"
+            if failcnt.exists() and int(failcnt.read_text() or 0) > 0:
+                return True
+        return False
+
+    def pids_exhausted(self) -> bool:
+        for d in self.dirs:
+            events = d / "pids.events"
+            if events.exists() and _counter(events.read_text(), "max") > 0:
+                return True
+        return False
+
+    def remove(self) -> None:
+        """Kill anything still inside, then delete the cgroup."""
+        for d in self.dirs:
+            for _ in range(50):
+                if _kill_members(d) == 0:
+                    break
+                time.sleep(0.01)
+            try:
+                d.rmdir()
+            except OSError:
+                time.sleep(0.05)
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass  # left for the next start's clean-up
+
+
+class Cgroups:
+    """Where per-job cgroups are made; one instance per worker process."""
+
+    def __init__(self, bases: list[Path], version: int):
+        self.bases = bases
+        self.version = version
+
+    def create(self, name: str, memory_bytes: int, max_processes: int) -> JobCgroup:
+        dirs = [base / name for base in self.bases]
+        for d in dirs:
+            d.mkdir(exist_ok=True)
+        for d in dirs:
+            for file, value in self._limits(memory_bytes, max_processes):
+                _write_if_present(d / file, value)
+        return JobCgroup(dirs, self.version)
+
+    def _limits(self, memory_bytes: int, max_processes: int) -> list[tuple[str, int | str]]:
+        if self.version == 2:
+            return [("memory.max", memory_bytes), ("memory.swap.max", 0), ("pids.max", max_processes)]
+        return [("memory.limit_in_bytes", memory_bytes), ("memory.memsw.limit_in_bytes", memory_bytes),
+                ("pids.max", max_processes)]
+
+
+def detect() -> Cgroups | None:
+    """Usable cgroups with memory and pids control, or None."""
+    try:
+        return _detect_v2() or _detect_v1()
+    except OSError:
+        return None
+
+
+def _detect_v2() -> Cgroups | None:
+    controllers = ROOT / "cgroup.controllers"
+    if not controllers.exists() or not {"memory", "pids"} <= set(controllers.read_text().split()):
+        return None
+    base = ROOT / GROUP
+    base.mkdir(exist_ok=True)
+    (ROOT / "cgroup.subtree_control").write_text("+memory +pids")
+    (base / "cgroup.subtree_control").write_text("+memory +pids")
+    return Cgroups([base], 2)
+
+
+def _detect_v1() -> Cgroups | None:
+    bases = [ROOT / "memory" / GROUP, ROOT / "pids" / GROUP]
+    if not all(b.parent.is_dir() and os.access(b.parent, os.W_OK) for b in bases):
+        return None
+    for b in bases:
+        b.mkdir(exist_ok=True)
+    return Cgroups(bases, 1)
+
+
+def _write_if_present(path: Path, value) -> None:
+    """Set a limit file; swap files are missing without swap accounting and may refuse."""
+    if not path.exists():
+        return
+    try:
+        path.write_text(str(value))
+    except OSError:
+        if "swap" not in path.name and "memsw" not in path.name:
+            raise
+
+
+def _kill_members(cgroup_dir: Path) -> int:
+    try:
+        pids = [int(p) for p in (cgroup_dir / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def _counter(text: str, key: str) -> int:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return int(parts[1])
+    return 0

@@ -22,13 +22,15 @@ BODY_FUNCTION = "__sless_function__"
 def main() -> None:
     report_fd = int(sys.argv[1])
     max_result_bytes = int(sys.argv[2])
+    # Opened before user code runs, so code that breaks builtins or imports cannot stop the report.
+    out = os.fdopen(report_fd, "w", encoding="utf-8")
     request = json.loads(sys.stdin.buffer.read())
     _detach_stdin()
     report = run(request["code"], request["input"], request.get("entry"), request.get("context"), max_result_bytes)
     sys.stdout.flush()
     sys.stderr.flush()
-    with os.fdopen(report_fd, "w", encoding="utf-8") as out:
-        out.write(report)
+    out.write(report)
+    out.close()
 
 
 def run(code: str, value, entry, context, max_result_bytes: int) -> str:

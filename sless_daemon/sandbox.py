@@ -67,8 +67,8 @@ def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_byt
     command += [
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(tmpfs_bytes), "--tmpfs", WORKDIR_INSIDE, "--symlink", WORKDIR_INSIDE, "/tmp",
-        "--chdir", WORKDIR_INSIDE,
         "--perms", "0444", "--ro-bind-data", str(runner_fd), RUNNER_INSIDE,
+        "--remount-ro", "/", "--chdir", WORKDIR_INSIDE,
         "--seccomp", str(seccomp_fd),
         "--", sandbox.python, "-I", "-S", "-B", RUNNER_INSIDE, *runner_args,
     ]

@@ -52,7 +52,8 @@ def base_env(**settings: str) -> dict[str, str]:
 class Stack:
     """A daemon and/or a worker pool started as real processes, with their logs kept."""
 
-    def __init__(self, log_dir: Path, workers: int = 2, daemon: bool = True, **settings):
+    def __init__(self, log_dir: Path, workers: int = 2, daemon: bool = True, pool_args: tuple[str, ...] = (),
+                 **settings):
         self.port = free_port()
         self.db_name = f"sless_test_{uuid.uuid4().hex[:10]}"
         self.queue_name = settings.pop("queue_name", f"test-{uuid.uuid4().hex[:8]}")
@@ -61,6 +62,7 @@ class Stack:
         self.log_dir = log_dir
         self.workers = workers
         self.with_daemon = daemon
+        self.pool_args = pool_args
         self.daemon: subprocess.Popen | None = None
         self.pool: subprocess.Popen | None = None
 
@@ -73,7 +75,7 @@ class Stack:
         return self
 
     def start_pool(self) -> None:
-        self.pool = self._spawn("pool", "worker", "--count", str(self.workers))
+        self.pool = self._spawn("pool", "worker", "--count", str(self.workers), *self.pool_args)
         wait_until(lambda: len(self.live_workers()) == self.workers, 20, "the workers did not register")
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:

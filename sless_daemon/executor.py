@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .capture import Capture
 from .cgroups import JobCgroup
@@ -81,40 +82,90 @@ class Executor:
         self.reap_orphans = reap_orphans
         self.runner_source = RUNNER_PATH.read_bytes()
         self.attempt_numbers = itertools.count(1)
+        self.spare: Launched | None = None
+        self.default_spec = JobSpec(code="", input=None, timeout_s=settings.default_timeout_s,
+                                    memory_mb=settings.default_memory_mb, retries=0)
 
     def run(self, spec: JobSpec, context: dict | None = None) -> AttemptOutcome:
         """Run one attempt to its end and return its outcome; never raises for user faults.
 
         `context` (job_id, attempt, ...) reaches functions that take a second parameter.
+        The attempt runs in the spare sandbox when one is ready with the job's limits.
         """
         request = json.dumps({"code": spec.code, "input": spec.input, "entry": spec.entry,
                               "context": context or {}}).encode()
-        cgroup = self._make_cgroup(spec)
-        report_r, report_w = os.pipe()
         started = time.monotonic()
-        cleanup = None
+        launched = self._take_spare(spec) or self._launch(spec)
         try:
-            try:
-                child, cleanup = self._start(spec, report_w, cgroup)
-            except BaseException:
-                os.close(report_r)
-                raise
-            finally:
-                os.close(report_w)
-            capture = Capture(self.settings, report_r)  # closes report_r when done
-            ended_by = capture.pump(child, request, deadline=started + spec.timeout_s)
-            status, usage = _reap(child)
+            capture = Capture(self.settings, launched.report_fd)  # closes the report pipe when done
+            ended_by = capture.pump(launched.child, request, deadline=started + spec.timeout_s)
+            status, usage = _reap(launched.child)
         finally:
-            if cgroup:
-                cgroup.remove()
-            if cleanup:
-                cleanup()
-            if self.reap_orphans:
-                reap_orphans()
+            self._dispose(launched)
         duration_ms = round((time.monotonic() - started) * 1000, 3)
         stderr = capture.stderr.text()
-        error, result = classify(spec, self.settings, ended_by, status, usage, capture.report(), stderr, cgroup)
+        error, result = classify(spec, self.settings, ended_by, status, usage, capture.report(), stderr,
+                                 launched.cgroup)
         return AttemptOutcome(result, error, capture.stdout.text(), stderr, duration_ms)
+
+    def prepare_spare(self) -> None:
+        """Start the next sandbox now, with the default limits, so a job need not wait for it.
+
+        A spare serves exactly one job and is never reused: it only moves bubblewrap's and
+        the interpreter's start-up off the job's path (called while the worker is idle).
+        """
+        if self.sandbox is None or not self.settings.prewarm_sandbox or self.spare is not None:
+            return
+        try:
+            self.spare = self._launch(self.default_spec)
+        except OSError as e:
+            log.warning("could not start a spare sandbox (%s); the next job starts its own", e)
+
+    def close(self) -> None:
+        """Stop the spare sandbox, if any (the worker is stopping)."""
+        spare, self.spare = self.spare, None
+        if spare:
+            os.close(spare.report_fd)
+            _reap(spare.child)
+            self._dispose(spare)
+
+    def _take_spare(self, spec: JobSpec) -> Launched | None:
+        spare = self.spare
+        if spare is None or (spare.memory_mb, spare.timeout_s) != (spec.memory_mb, spec.timeout_s):
+            return None  # other limits: this job starts its own, the spare waits for the next
+        self.spare = None
+        if spare.child.poll() is not None:  # died while waiting
+            self.close_launched(spare)
+            return None
+        return spare
+
+    def close_launched(self, launched: Launched) -> None:
+        os.close(launched.report_fd)
+        _reap(launched.child)
+        self._dispose(launched)
+
+    def _launch(self, spec: JobSpec) -> Launched:
+        """Start a process that will run one attempt with `spec`'s limits; it waits for its request."""
+        cgroup = self._make_cgroup(spec)
+        report_r, report_w = os.pipe()
+        try:
+            child, cleanup = self._start(spec, report_w, cgroup)
+        except BaseException:
+            os.close(report_r)
+            if cgroup:
+                cgroup.remove()
+            raise
+        finally:
+            os.close(report_w)
+        return Launched(child, report_r, cgroup, cleanup, spec.memory_mb, spec.timeout_s)
+
+    def _dispose(self, launched: Launched) -> None:
+        """Remove what an ended attempt leaves: its cgroup, temporary files, orphans."""
+        if launched.cgroup:
+            launched.cgroup.remove()
+        launched.cleanup()
+        if self.reap_orphans:
+            reap_orphans()
 
     def _make_cgroup(self, spec: JobSpec) -> JobCgroup | None:
         if self.sandbox is None or self.sandbox.cgroups is None:
@@ -137,7 +188,23 @@ class Executor:
         finally:
             os.close(runner_fd)
             os.close(seccomp_fd)
-        return child, lambda: None
+        return child, _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class Launched:
+    """A started attempt process (maybe a spare still waiting for its request)."""
+
+    child: subprocess.Popen
+    report_fd: int
+    cgroup: JobCgroup | None
+    cleanup: Callable[[], None]
+    memory_mb: int
+    timeout_s: float
 
 
 def _start_unsandboxed(spec: JobSpec, settings: Settings, report_fd: int, runner_args: list[str]):

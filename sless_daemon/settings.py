@@ -46,6 +46,7 @@ class Settings:
     max_processes: int = _setting(64, 4, 4096, doc="processes and threads one attempt may have at once")
     max_output_flood_bytes: int = _setting(8 << 20, 1024, 1 << 30, doc="stdout+stderr bytes past which an attempt is killed (output_limit)")
     tmpfs_mb: int = _setting(64, 1, 65536, doc="size of the sandbox's writable /work (and /tmp)")
+    prewarm_sandbox: int = _setting(1, 0, 1, doc="1: start each worker's next sandbox before its job arrives")
     sandbox_python: str = _setting("", doc="interpreter inside the sandbox; empty: /usr/bin/python3, else this one")
     sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
     execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")

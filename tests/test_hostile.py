@@ -301,6 +301,21 @@ def test_a_bomb_leaves_the_job_beside_it_unharmed(hostile_stack, confined):
         assert hostile_stack.wait_terminal(bomb_id)["state"] == "failed"
 
 
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    try:
+        while pid > 1:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            chain.append(pid)
+    except (OSError, ValueError, IndexError):
+        pass
+    return chain
+
+
 def test_zz_after_the_suite_everything_is_healthy_and_nothing_lingers(hostile_stack):
     """Runs last in this file: same workers, healthy services, no sandbox process left."""
     health = hostile_stack.get("/health").json()
@@ -310,13 +325,15 @@ def test_zz_after_the_suite_everything_is_healthy_and_nothing_lingers(hostile_st
     assert execute(hostile_stack, "return input * 2;", input=21)["result"] == 42
 
     def nothing_left() -> bool:
+        """No hostile process; below our workers only their idle spare sandboxes (bwrap, runner)."""
         leftovers = subprocess.run(["pgrep", "-a", "-f", MARKER], capture_output=True, text=True).stdout
-        by_slot_uids = subprocess.run(["pgrep", "-a", "-u", ",".join(map(str, SLOT_UIDS))], capture_output=True,
-                                      text=True).stdout
-        return not leftovers.strip() and not by_slot_uids.strip()
+        ours = [pid for pid in all_pids() if workers & set(ancestors(pid))]
+        commands = [open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode() for pid in ours]
+        spares = [c for c in commands if c.startswith("bwrap") or "/sless/runner.py" in c]
+        return not leftovers.strip() and spares == commands and len(spares) <= 3 * len(workers)
 
-    wait_until(nothing_left, 5, "processes of the hostile programs are still running")
     workers = set(hostile_stack.worker_pids())
+    wait_until(nothing_left, 5, "processes of the hostile programs are still running")
     table = subprocess.run(["ps", "-eo", "ppid=,stat=,cmd="], capture_output=True, text=True).stdout.splitlines()
     zombies = [line for line in table if int(line.split()[0]) in workers and line.split()[1].startswith("Z")]
     assert not zombies, f"workers left unreaped sandbox processes: {zombies}"

@@ -52,10 +52,10 @@ class JobCgroup:
     def remove(self) -> None:
         """Kill anything still inside, then delete the cgroup."""
         for d in self.dirs:
-            for _ in range(50):
+            for _ in range(500):  # members exit within a few ms of the kill
                 if _kill_members(d) == 0:
                     break
-                time.sleep(0.01)
+                time.sleep(0.001)
             try:
                 d.rmdir()
             except OSError:

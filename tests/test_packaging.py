@@ -76,3 +76,19 @@ def test_readme_lists_every_exit_code():
     readme = (ROOT / "README.md").read_text()
     for status in ExitStatus:
         assert re.search(rf"\|\s*{status.value}\s*\|", readme), f"exit code {status.value} not in README"
+
+
+def test_worker_container_gets_what_the_sandbox_needs_and_no_more(compose):
+    worker = compose["services"]["worker"]
+    assert worker["cap_drop"] == ["ALL"] and set(worker["cap_add"]) == {"SETUID", "SETGID", "KILL"}
+    assert "seccomp=unconfined" in worker["security_opt"] and "no-new-privileges:true" in worker["security_opt"]
+    assert compose["services"]["api"]["cap_drop"] == ["ALL"]
+    assert "bubblewrap" in (ROOT / "Dockerfile").read_text()
+
+
+def test_security_doc_explains_every_denied_syscall():
+    from sless_daemon.seccomp_policy import DENIED_SYSCALLS
+
+    doc = (ROOT / "docs" / "SECURITY.md").read_text()
+    for name in DENIED_SYSCALLS:
+        assert f"| `{name}` |" in doc, name

@@ -69,3 +69,25 @@ def test_status_document_decodes_json_fields():
     doc = status_document({"_id": "a" * 32, "state": "completed", "result_json": "[1, {\"b\": null}]",
                            "attempts": 1, "retries": 2})
     assert doc["jobId"] == "a" * 32 and doc["result"] == [1, {"b": None}] and doc["max_attempts"] == 3
+
+
+def test_sandbox_command_has_every_layer():
+    from sless_daemon.sandbox import Sandbox, sandbox_command
+
+    sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/python3.11", (), b"", 60000, None)
+    command = sandbox_command(sandbox, runner_fd=5, seccomp_fd=6, tmpfs_bytes=1 << 20, runner_args=["7", "100"])
+    text = " ".join(command)
+    for flag in ("--unshare-all", "--unshare-user", "--unshare-cgroup", "--cap-drop ALL", "--die-with-parent",
+                 "--new-session", "--clearenv", "--uid 65534", "--proc /proc", "--dev /dev", "--seccomp 6",
+                 "--size 1048576 --tmpfs /work", "--ro-bind /usr /usr", "--remount-ro /", "--ro-bind-data 5"):
+        assert flag in text, flag
+    assert "--share-net" not in text and "--bind / " not in text
+    assert command[command.index("--") + 1:] == ["/usr/bin/python3.11", "-I", "-S", "-B", "/sless/runner.py", "7", "100"]
+    assert [k for k in command[command.index("--clearenv"):] if k.startswith("SLESS")] == []
+
+
+def test_seccomp_filter_compiles():
+    from sless_daemon.seccomp_policy import build_filter_bpf
+
+    bpf = build_filter_bpf()
+    assert len(bpf) % 8 == 0 and len(bpf) > 200  # classic BPF: 8-byte instructions

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sless_daemon.executor import Executor, _data_fd, _spawn, attempt_rlimits, become_subreaper, reap_orphans  # noqa: E402
+from sless_daemon.limits import default_limits  # noqa: E402
 from sless_daemon.sandbox import SANDBOX_ENV, build_sandbox, sandbox_command  # noqa: E402
 from sless_daemon.seccomp_policy import bpf_fd  # noqa: E402
 from sless_daemon.settings import Settings  # noqa: E402
@@ -57,8 +58,8 @@ def cold_sandbox_start(sandbox, settings: Settings, spec: JobSpec):
         cgroup = sandbox.cgroups.create(f"bench-{os.getpid()}", spec.memory_mb << 20, 64) if sandbox.cgroups else None
         runner_fd = _data_fd(b"pass\n")
         seccomp_fd = bpf_fd(sandbox.seccomp_bpf)
-        command = sandbox_command(sandbox, runner_fd, seccomp_fd, settings.tmpfs_mb << 20, [])
-        limits = attempt_rlimits(spec, settings, own_uid=sandbox.host_uid is not None)
+        command = sandbox_command(sandbox, runner_fd, seccomp_fd, spec.limits.tmpfs_mb << 20, [])
+        limits = attempt_rlimits(spec.limits, own_uid=sandbox.host_uid is not None)
         child = _spawn(command, (runner_fd, seccomp_fd), "/", SANDBOX_ENV, limits, cgroup, sandbox.host_uid)
         os.close(runner_fd)
         os.close(seccomp_fd)
@@ -117,8 +118,7 @@ def main() -> None:
     become_subreaper()
     settings = Settings.from_env({})
     sandbox = build_sandbox("", settings.sandbox_uid_base + 50, slot=0)
-    spec = JobSpec(code="return input * 2", input=21, timeout_s=settings.default_timeout_s,
-                   memory_mb=settings.default_memory_mb, retries=0)
+    spec = JobSpec(code="return input * 2", input=21, limits=default_limits(settings), retries=0)
     executor = Executor(settings, sandbox, "bench", reap_orphans=True)
     hand_off, hand_off_samples = warm_hand_off(executor, spec)
     timed(hand_off, args.runs)

@@ -12,8 +12,8 @@ import os
 import selectors
 import time
 
+from .limits import Limits
 from .outcome import failed
-from .settings import Settings
 from .states import ErrorType
 
 READ_CHUNK_BYTES = 64 << 10
@@ -51,12 +51,12 @@ class CappedBuffer:
 class Capture:
     """Feeds the child its request and drains its stdout, stderr and report pipes."""
 
-    def __init__(self, settings: Settings, report_fd: int):
-        self.stdout = CappedBuffer(settings.max_output_bytes)
-        self.stderr = CappedBuffer(settings.max_output_bytes)
-        self.report_buffer = CappedBuffer(settings.max_result_bytes + REPORT_SLACK_BYTES)
+    def __init__(self, limits: Limits, flood_bytes: int, report_fd: int):
+        self.stdout = CappedBuffer(limits.output_bytes)
+        self.stderr = CappedBuffer(limits.output_bytes)
+        self.report_buffer = CappedBuffer(limits.result_bytes + REPORT_SLACK_BYTES)
         self.report_fd = report_fd
-        self.flood_bytes = settings.max_output_flood_bytes
+        self.flood_bytes = flood_bytes
 
     def pump(self, child, request: bytes, deadline: float) -> str:
         """Move bytes until every pipe closes, the deadline passes or output floods.

@@ -82,6 +82,17 @@ class Cgroups:
                 _write_if_present(d / file, value)
         return JobCgroup(dirs, self.version)
 
+    def remove_stale(self) -> int:
+        """Remove cgroups left by executors that died (named `<worker>-<pid>-<n>`); returns how many."""
+        removed = 0
+        for base in self.bases:
+            for d in base.iterdir():
+                owner = d.name.rsplit("-", 2)
+                if d.is_dir() and len(owner) == 3 and owner[1].isdigit() and not _alive(int(owner[1])):
+                    JobCgroup([d], self.version).remove()
+                    removed += 1
+        return removed
+
     def _limits(self, memory_bytes: int, max_processes: int) -> list[tuple[str, int | str]]:
         if self.version == 2:
             return [("memory.max", memory_bytes), ("memory.swap.max", 0), ("pids.max", max_processes)]
@@ -126,6 +137,10 @@ def _write_if_present(path: Path, value) -> None:
     except OSError:
         if "swap" not in path.name and "memsw" not in path.name:
             raise
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 def _kill_members(cgroup_dir: Path) -> int:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from .capture import Capture
 from .cgroups import JobCgroup
+from .limits import Limits, default_limits
 from .outcome import AttemptOutcome, failed
 from .sandbox import SANDBOX_ENV, Sandbox, drop_privileges, sandbox_command
 from .seccomp_policy import bpf_fd
@@ -48,25 +49,25 @@ SANDBOX_OVERHEAD_PROCESSES = 4  # bubblewrap's two processes and some slack, und
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def attempt_rlimits(spec: JobSpec, settings: Settings, own_uid: bool) -> dict[int, tuple[int, int]]:
+def attempt_rlimits(limits: Limits, own_uid: bool) -> dict[int, tuple[int, int]]:
     """The rlimits of one attempt: memory, CPU seconds, processes, files, no core dumps.
 
     RLIMIT_NPROC counts every process of the user on the machine, so it is only set
     when the attempt runs under a uid of its own (`own_uid`).
     """
-    memory = spec.memory_mb << 20
-    cpu_s = math.ceil(spec.timeout_s) + 1  # the wall clock normally fires first
-    limits = {
+    memory = limits.memory_mb << 20
+    cpu_s = math.ceil(limits.cpu_s)
+    rlimits = {
         resource.RLIMIT_AS: (memory, memory),
-        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),
-        resource.RLIMIT_NOFILE: (settings.max_open_files, settings.max_open_files),
-        resource.RLIMIT_FSIZE: (settings.max_file_mb << 20, settings.max_file_mb << 20),
+        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),  # SIGXCPU first, SIGKILL a second later
+        resource.RLIMIT_NOFILE: (limits.open_files, limits.open_files),
+        resource.RLIMIT_FSIZE: (limits.file_mb << 20, limits.file_mb << 20),
         resource.RLIMIT_CORE: (0, 0),
     }
     if own_uid:
-        processes = settings.max_processes + SANDBOX_OVERHEAD_PROCESSES
-        limits[resource.RLIMIT_NPROC] = (processes, processes)
-    return limits
+        processes = limits.processes + SANDBOX_OVERHEAD_PROCESSES
+        rlimits[resource.RLIMIT_NPROC] = (processes, processes)
+    return rlimits
 
 
 class Executor:
@@ -83,8 +84,7 @@ class Executor:
         self.runner_source = RUNNER_PATH.read_bytes()
         self.attempt_numbers = itertools.count(1)
         self.spare: Launched | None = None
-        self.default_spec = JobSpec(code="", input=None, timeout_s=settings.default_timeout_s,
-                                    memory_mb=settings.default_memory_mb, retries=0)
+        self.default_spec = JobSpec(code="", input=None, limits=default_limits(settings), retries=0)
 
     def run(self, spec: JobSpec, context: dict | None = None) -> AttemptOutcome:
         """Run one attempt to its end and return its outcome; never raises for user faults.
@@ -97,7 +97,7 @@ class Executor:
         started = time.monotonic()
         launched = self._take_spare(spec) or self._launch(spec)
         try:
-            capture = Capture(self.settings, launched.report_fd)  # closes the report pipe when done
+            capture = Capture(spec.limits, self.settings.max_output_flood_bytes, launched.report_fd)  # closes it
             ended_by = capture.pump(launched.child, request, deadline=started + spec.timeout_s)
             status, usage = _reap(launched.child)
         finally:
@@ -131,7 +131,7 @@ class Executor:
 
     def _take_spare(self, spec: JobSpec) -> Launched | None:
         spare = self.spare
-        if spare is None or (spare.memory_mb, spare.timeout_s) != (spec.memory_mb, spec.timeout_s):
+        if spare is None or spare.limits != spec.limits:
             return None  # other limits: this job starts its own, the spare waits for the next
         self.spare = None
         if spare.child.poll() is not None:  # died while waiting
@@ -157,7 +157,7 @@ class Executor:
             raise
         finally:
             os.close(report_w)
-        return Launched(child, report_r, cgroup, cleanup, spec.memory_mb, spec.timeout_s)
+        return Launched(child, report_r, cgroup, cleanup, spec.limits)
 
     def _dispose(self, launched: Launched) -> None:
         """Remove what an ended attempt leaves: its cgroup, temporary files, orphans."""
@@ -171,17 +171,17 @@ class Executor:
         if self.sandbox is None or self.sandbox.cgroups is None:
             return None
         name = f"{self.name}-{os.getpid()}-{next(self.attempt_numbers)}"
-        return self.sandbox.cgroups.create(name, spec.memory_mb << 20, self.settings.max_processes)
+        return self.sandbox.cgroups.create(name, spec.memory_mb << 20, spec.limits.processes)
 
     def _start(self, spec: JobSpec, report_fd: int, cgroup: JobCgroup | None):
         """Start the attempt's process; returns it and a clean-up to call after it ended."""
-        runner_args = [str(report_fd), str(self.settings.max_result_bytes)]
+        runner_args = [str(report_fd), str(spec.limits.result_bytes)]
         if self.sandbox is None:
             return _start_unsandboxed(spec, self.settings, report_fd, runner_args)
         runner_fd = _data_fd(self.runner_source)
         seccomp_fd = bpf_fd(self.sandbox.seccomp_bpf)
-        command = sandbox_command(self.sandbox, runner_fd, seccomp_fd, self.settings.tmpfs_mb << 20, runner_args)
-        limits = attempt_rlimits(spec, self.settings, own_uid=self.sandbox.host_uid is not None)
+        command = sandbox_command(self.sandbox, runner_fd, seccomp_fd, spec.limits.tmpfs_mb << 20, runner_args)
+        limits = attempt_rlimits(spec.limits, own_uid=self.sandbox.host_uid is not None)
         try:
             child = _spawn(command, (report_fd, runner_fd, seccomp_fd), "/", SANDBOX_ENV, limits,
                            cgroup, self.sandbox.host_uid)
@@ -203,8 +203,7 @@ class Launched:
     report_fd: int
     cgroup: JobCgroup | None
     cleanup: Callable[[], None]
-    memory_mb: int
-    timeout_s: float
+    limits: Limits
 
 
 def _start_unsandboxed(spec: JobSpec, settings: Settings, report_fd: int, runner_args: list[str]):
@@ -213,7 +212,7 @@ def _start_unsandboxed(spec: JobSpec, settings: Settings, report_fd: int, runner
     command = [sys.executable, "-I", "-S", "-B", str(RUNNER_PATH), *runner_args]
     env = {**SANDBOX_ENV, "HOME": workdir, "TMPDIR": workdir}
     try:
-        child = _spawn(command, (report_fd,), workdir, env, attempt_rlimits(spec, settings, False), None, None)
+        child = _spawn(command, (report_fd,), workdir, env, attempt_rlimits(spec.limits, False), None, None)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -289,13 +288,13 @@ def classify(spec: JobSpec, settings: Settings, ended_by: str, status: int, usag
         return _out_of_memory(spec), None
     signum = _signal_of(status)
     cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
-    if signum in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= math.ceil(spec.timeout_s):
-        return failed(ErrorType.TIMEOUT, f"The attempt used its {math.ceil(spec.timeout_s) + 1} s of CPU time "
+    if signum in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= math.ceil(spec.limits.cpu_s) - 0.05:
+        return failed(ErrorType.TIMEOUT, f"The attempt used its {math.ceil(spec.limits.cpu_s)} s of CPU time "
                                          "and was killed."), None
     if "MemoryError" in stderr_text[-4096:] or "Cannot allocate memory" in stderr_text[-4096:]:
         return _out_of_memory(spec), None
     if cgroup and cgroup.pids_exhausted():
-        return failed(ErrorType.PROCESS_LIMIT, f"The attempt reached its limit of {settings.max_processes} "
+        return failed(ErrorType.PROCESS_LIMIT, f"The attempt reached its limit of {spec.limits.processes} "
                                                "processes and threads."), None
     how = f"was killed by {signal.Signals(signum).name}" if signum else f"exited with code {status}"
     return failed(ErrorType.CRASHED, f"The attempt's process {how} before reporting a result."), None

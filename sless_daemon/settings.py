@@ -31,21 +31,31 @@ class Settings:
     api_token: str = _setting("", doc="when set, every endpoint but GET / needs `Authorization: Bearer <token>`")
     max_body_bytes: int = _setting(1 << 20, 1024, 64 << 20, doc="largest accepted request body")
     daemon_threads: int = _setting(16, 1, 512, doc="WSGI worker threads in the daemon")
+    # Limits of one attempt: a default, and the largest a job may ask for (limits.py).
     default_timeout_s: float = _setting(5.0, 0.1, 3600, doc="wall-clock limit of one attempt")
     max_timeout_s: float = _setting(300.0, 0.1, 3600, doc="largest per-job timeout_s accepted")
-    default_memory_mb: int = _setting(256, 16, 65536, doc="address-space limit of one attempt")
+    default_cpu_s: float = _setting(0.0, 0, 3600, doc="CPU-time limit; 0: one second more than timeout_s")
+    max_cpu_s: float = _setting(3600.0, 0.1, 86400, doc="largest per-job cpu_s accepted")
+    default_memory_mb: int = _setting(256, 16, 65536, doc="memory limit of one attempt")
     max_memory_mb: int = _setting(4096, 16, 65536, doc="largest per-job memory_mb accepted")
+    default_processes: int = _setting(64, 4, 4096, doc="processes and threads one attempt may have at once")
+    max_processes: int = _setting(1024, 4, 4096, doc="largest per-job processes accepted")
+    default_open_files: int = _setting(64, 16, 65536, doc="open files per process of an attempt")
+    max_open_files: int = _setting(4096, 16, 65536, doc="largest per-job open_files accepted")
+    default_file_mb: int = _setting(64, 1, 65536, doc="largest file an attempt may write")
+    max_file_mb: int = _setting(4096, 1, 65536, doc="largest per-job file_mb accepted")
+    default_tmpfs_mb: int = _setting(64, 1, 65536, doc="size of the sandbox's writable /work (and /tmp)")
+    max_tmpfs_mb: int = _setting(4096, 1, 65536, doc="largest per-job tmpfs_mb accepted")
+    default_output_bytes: int = _setting(64 << 10, 1024, 1 << 30, doc="kept bytes of stdout and of stderr")
+    max_output_bytes: int = _setting(16 << 20, 1024, 1 << 30, doc="largest per-job output_bytes accepted")
+    default_result_bytes: int = _setting(1 << 20, 1024, 15 << 20, doc="largest JSON result of an attempt")
+    max_result_bytes: int = _setting(15 << 20, 1024, 15 << 20, doc="largest per-job result_bytes accepted")
+    max_output_flood_bytes: int = _setting(32 << 20, 1024, 1 << 30,
+                                           doc="stdout+stderr bytes past which any attempt is killed (output_limit)")
     default_retries: int = _setting(2, 0, 100, doc="retries after a failed attempt")
     max_retries: int = _setting(10, 0, 100, doc="largest per-job retries accepted")
     retry_backoff_s: float = _setting(1.0, 0, 3600, doc="first retry delay; doubles each attempt")
     max_retry_backoff_s: float = _setting(60.0, 0, 86400, doc="cap on the retry delay")
-    max_output_bytes: int = _setting(64 << 10, 1024, 16 << 20, doc="kept bytes of stdout and of stderr per attempt")
-    max_result_bytes: int = _setting(1 << 20, 1024, 15 << 20, doc="largest JSON result an attempt may return")
-    max_open_files: int = _setting(64, 16, 65536, doc="RLIMIT_NOFILE inside an attempt")
-    max_file_mb: int = _setting(64, 1, 65536, doc="RLIMIT_FSIZE inside an attempt")
-    max_processes: int = _setting(64, 4, 4096, doc="processes and threads one attempt may have at once")
-    max_output_flood_bytes: int = _setting(8 << 20, 1024, 1 << 30, doc="stdout+stderr bytes past which an attempt is killed (output_limit)")
-    tmpfs_mb: int = _setting(64, 1, 65536, doc="size of the sandbox's writable /work (and /tmp)")
     prewarm_sandbox: int = _setting(1, 0, 1, doc="1: start each worker's next sandbox before its job arrives")
     sandbox_python: str = _setting("", doc="interpreter inside the sandbox; empty: /usr/bin/python3, else this one")
     sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
@@ -78,12 +88,10 @@ class Settings:
             low, high = f.metadata["low"], f.metadata["high"]
             if low is not None and not low <= value <= high:
                 raise ConfigError(f"{env_name(f.name)}={value} is out of range: it must be between {low} and {high}.")
-        if self.default_timeout_s > self.max_timeout_s:
-            raise ConfigError("SLESS_DEFAULT_TIMEOUT_S must not exceed SLESS_MAX_TIMEOUT_S.")
-        if self.default_memory_mb > self.max_memory_mb:
-            raise ConfigError("SLESS_DEFAULT_MEMORY_MB must not exceed SLESS_MAX_MEMORY_MB.")
-        if self.default_retries > self.max_retries:
-            raise ConfigError("SLESS_DEFAULT_RETRIES must not exceed SLESS_MAX_RETRIES.")
+        for name in ("timeout_s", "cpu_s", "memory_mb", "processes", "open_files", "file_mb", "tmpfs_mb",
+                     "output_bytes", "result_bytes", "retries"):
+            if getattr(self, f"default_{name}") > getattr(self, f"max_{name}"):
+                raise ConfigError(f"{env_name('default_' + name)} must not exceed {env_name('max_' + name)}.")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"SLESS_LOG_FORMAT={self.log_format!r} is not one of: text, json.")
         if self.max_output_flood_bytes < self.max_output_bytes:

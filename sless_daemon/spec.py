@@ -8,26 +8,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest
+from .limits import LIMIT_RULES, Limits, maximum, resolve
 from .settings import Settings
 
-JOB_FIELDS = ("code", "input", "timeout_s", "memory_mb", "retries", "entry")
+JOB_FIELDS = ("code", "input", "retries", "entry", *LIMIT_RULES)
 EXECUTE_FIELDS = JOB_FIELDS + ("wait_s",)
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job as accepted: code, its JSON input, and its limits (units in names)."""
+    """One job as accepted: code, its JSON input, retries and the limits of each attempt."""
 
     code: str
     input: Any
-    timeout_s: float
-    memory_mb: int
+    limits: Limits
     retries: int
     entry: str | None = None
 
     @property
     def max_attempts(self) -> int:
         return self.retries + 1
+
+    @property
+    def timeout_s(self) -> float:
+        return self.limits.timeout_s
+
+    @property
+    def memory_mb(self) -> int:
+        return self.limits.memory_mb
 
 
 def parse_body(body: bytes) -> dict:
@@ -62,14 +70,22 @@ def parse_job(data: dict, settings: Settings, allowed: tuple[str, ...] = JOB_FIE
     return JobSpec(
         code=code,
         input=data.get("input"),
-        timeout_s=number_field(data, "timeout_s", settings.default_timeout_s, 0.1, settings.max_timeout_s),
-        memory_mb=int_field(data, "memory_mb", settings.default_memory_mb, 16, settings.max_memory_mb),
+        limits=resolve(limit_fields(data, settings), settings),
         retries=int_field(data, "retries", settings.default_retries, 0, settings.max_retries),
         entry=entry_field(data),
     )
 
 
-def number_field(data: dict, name: str, default: float, low: float, high: float) -> float:
+def limit_fields(data: dict, settings: Settings) -> dict:
+    """The limits a request asks for, each checked against its floor and configured maximum."""
+    asked = {}
+    for name, (whole, floor, _) in LIMIT_RULES.items():
+        field_check = int_field if whole else number_field
+        asked[name] = field_check(data, name, None, floor, maximum(settings, name))
+    return asked
+
+
+def number_field(data: dict, name: str, default: float | None, low: float, high: float) -> float | None:
     """A finite number in [low, high], or the default when absent or null."""
     value = data.get(name)
     if value is None:
@@ -81,7 +97,7 @@ def number_field(data: dict, name: str, default: float, low: float, high: float)
     return float(value)
 
 
-def int_field(data: dict, name: str, default: int, low: int, high: int) -> int:
+def int_field(data: dict, name: str, default: int | None, low: int, high: int) -> int | None:
     """A whole number in [low, high], or the default when absent or null."""
     value = data.get(name)
     if value is None:

@@ -24,7 +24,7 @@ def status_document(job: dict) -> dict:
         "duration_ms": job.get("duration_ms"),
         "retry_at": iso(job.get("retry_at")),
         "worker": job.get("worker"),
-        "limits": {"timeout_s": job.get("timeout_s"), "memory_mb": job.get("memory_mb"), "retries": job.get("retries")},
+        "limits": {**job.get("limits", {}), "retries": job.get("retries")},
     }
 
 

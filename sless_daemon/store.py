@@ -82,7 +82,7 @@ class OutcomeStore:
         self.jobs.insert_one({
             "_id": job_id, "state": JobState.SUBMITTED.value, "code": spec.code,
             "input_json": json.dumps(spec.input), "entry": spec.entry, "timeout_s": spec.timeout_s,
-            "memory_mb": spec.memory_mb, "retries": spec.retries, "attempts": 0, "submitted_at": now,
+            "limits": spec.limits.to_dict(), "retries": spec.retries, "attempts": 0, "submitted_at": now,
             "started_at": None, "finished_at": None, "duration_ms": None, "result_json": None,
             "error": None, "attempt_errors": [], "stdout": "", "stderr": "", "worker": None,
             "lease_until": None, "retry_at": None,

@@ -20,6 +20,7 @@ from .errors import DependencyDown
 from .errors import SandboxUnavailable
 from .executor import Executor, become_subreaper
 from .lifecycle import Lifecycle
+from .limits import from_document
 from .logs import configure_logging, summarize
 from .outcome import AttemptOutcome, failed
 from .queue import JobQueue, connect_redis
@@ -49,10 +50,8 @@ def run_job(job_id: str, timeout_s: float) -> None:
 
 def spec_from_job(job: dict) -> JobSpec:
     """Rebuild the accepted spec from its stored document."""
-    return JobSpec(
-        code=job["code"], input=json.loads(job["input_json"]), timeout_s=job["timeout_s"],
-        memory_mb=job["memory_mb"], retries=job["retries"], entry=job.get("entry"),
-    )
+    return JobSpec(code=job["code"], input=json.loads(job["input_json"]), limits=from_document(job["limits"]),
+                   retries=job["retries"], entry=job.get("entry"))
 
 
 class AttemptRunner:
@@ -134,6 +133,8 @@ def prepare_sandbox(settings: Settings, slot: int, insecure: bool) -> Sandbox | 
                     "with rlimits only. Never do this with code you do not trust.")
         return None
     sandbox = build_sandbox(settings.sandbox_python, settings.sandbox_uid_base, slot)
+    if sandbox.cgroups:
+        sandbox.cgroups.remove_stale()
     log.info("sandbox ready: bubblewrap %s, python %s, host uid %s, cgroups %s", sandbox.bwrap, sandbox.python,
              sandbox.host_uid if sandbox.host_uid is not None else "(own)",
              f"v{sandbox.cgroups.version}" if sandbox.cgroups else "unavailable (rlimits only)")

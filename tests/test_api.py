@@ -93,6 +93,23 @@ def test_result_not_json_serialisable_fails_clearly(stack):
     assert "not JSON-serialisable" in doc["error"]["message"]
 
 
+def test_every_limit_can_be_set_per_job(stack):
+    code = ("import resource, os\n"
+            "return [resource.getrlimit(resource.RLIMIT_NOFILE)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0] >> 20,"
+            " resource.getrlimit(resource.RLIMIT_CPU)[0], os.statvfs('/work').f_blocks * os.statvfs('/work').f_frsize >> 20]")
+    doc = stack.wait_terminal(stack.submit({"code": code, "open_files": 32, "file_mb": 3, "cpu_s": 2, "tmpfs_mb": 5,
+                                            "processes": 8, "output_bytes": 2048, "result_bytes": 4096}))
+    assert doc["result"] == [32, 3, 2, 5], doc
+    assert doc["limits"]["processes"] == 8 and doc["limits"]["output_bytes"] == 2048
+    chatty = stack.wait_terminal(stack.submit({"code": "print('x' * 5000)", "output_bytes": 1024}))
+    assert chatty["stdout"].startswith("x" * 1024) and "truncated" in chatty["stdout"]
+    threads = ("import threading, time\nts = [threading.Thread(target=time.sleep, args=(1,)) for _ in range(20)]\n"
+               "[t.start() for t in ts]")
+    assert stack.wait_terminal(stack.submit({"code": threads, "processes": 8, "retries": 0}))["state"] == "failed"
+    big = stack.wait_terminal(stack.submit({"code": "return 'y' * 5000", "result_bytes": 4096}))
+    assert big["error"]["type"] == "result_limit"
+
+
 def test_memory_limit(stack):
     doc = stack.wait_terminal(stack.submit({"code": "x = bytearray(200 << 20); return 1", "memory_mb": 64,
                                             "retries": 0}))
@@ -143,6 +160,9 @@ def test_unknown_route_and_method_are_json(stack):
     (json.dumps({"code": "return 1", "retries": True}).encode(), 400, "'retries' must be a whole number"),
     (json.dumps({"code": "return 1", "entry": "not a name"}).encode(), 400, "'entry' must be"),
     (json.dumps({"code": "return 1", "timeout": 5}).encode(), 400, "Unknown field 'timeout'"),
+    (json.dumps({"code": "return 1", "processes": 1}).encode(), 400, "'processes' must be between 4 and 1024"),
+    (json.dumps({"code": "return 1", "tmpfs_mb": 1 << 20}).encode(), 400, "'tmpfs_mb' must be between"),
+    (json.dumps({"code": "return 1", "result_bytes": "big"}).encode(), 400, "'result_bytes' must be a whole number"),
     (json.dumps({"code": "x" * (2 << 20)}).encode(), 413, "the limit is"),
 ])
 def test_bad_submissions_get_specific_errors_and_leave_nothing(stack, body, status, fragment):

@@ -38,7 +38,8 @@ def test_submit_json_and_options(stack, tmp_path):
     answer = json.loads(done.stdout)
     assert answer["status"] == "submitted"
     doc = stack.wait_terminal(answer["jobId"])
-    assert doc["limits"] == {"timeout_s": 2.0, "memory_mb": 128, "retries": 0}
+    assert {k: doc["limits"][k] for k in ("timeout_s", "memory_mb", "retries", "cpu_s")} == {
+        "timeout_s": 2.0, "memory_mb": 128, "retries": 0, "cpu_s": 3.0}
     assert doc["result"]["greeting"].count("Cy") == 3
 
 

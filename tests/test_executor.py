@@ -9,11 +9,12 @@ import time
 import pytest
 
 from sless_daemon.executor import Executor
+from sless_daemon.limits import resolve
 from sless_daemon.sandbox import build_sandbox
 from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
 
-SETTINGS = Settings.from_env({}, max_output_bytes=4096, max_output_flood_bytes=1 << 20)
+SETTINGS = Settings.from_env({}, default_output_bytes=4096, max_output_bytes=8192, max_output_flood_bytes=1 << 20)
 
 
 @pytest.fixture(scope="module", params=["sandboxed", "insecure"])
@@ -24,8 +25,9 @@ def executor(request):
 
 
 def run(executor, code, value=None, **limits):
-    spec = JobSpec(code=code, input=value, timeout_s=limits.get("timeout_s", 2.0),
-                   memory_mb=limits.get("memory_mb", 256), retries=0, entry=limits.get("entry"))
+    entry = limits.pop("entry", None)
+    spec = JobSpec(code=code, input=value, limits=resolve({"timeout_s": 2.0, **limits}, SETTINGS), retries=0,
+                   entry=entry)
     return executor.run(spec, {"job_id": "t", "attempt": 1, "max_attempts": 1, "timeout_s": spec.timeout_s})
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from sless_daemon.executor import AttemptOutcome, failed
 from sless_daemon.lifecycle import Lifecycle, utcnow
+from sless_daemon.limits import resolve
 from sless_daemon.queue import JobQueue, connect_redis
 from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
@@ -21,7 +22,8 @@ from sless_daemon.states import ErrorType, JobState
 from sless_daemon.store import OutcomeStore, connect_mongo
 from stack import MONGO_URL, REDIS_URL
 
-SPEC = JobSpec(code="return 1", input={"n": 1}, timeout_s=1.0, memory_mb=64, retries=1)
+SPEC = JobSpec(code="return 1", input={"n": 1}, limits=resolve({"timeout_s": 1.0, "memory_mb": 64}, Settings()),
+               retries=1)
 
 
 @pytest.fixture

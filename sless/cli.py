@@ -89,6 +89,8 @@ def submit(
     memory: Optional[int] = typer.Option(None, "--memory", help="Memory limit per attempt, MiB."),
     retries: Optional[int] = typer.Option(None, "--retries", help="Retries after a failed attempt."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Function to call in a module (default main)."),
+    limit: list[str] = typer.Option([], "--limit", help="Another limit as NAME=VALUE (cpu_s, processes, open_files, "
+                                    "file_mb, tmpfs_mb, output_bytes, result_bytes); repeatable."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print the result."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -100,6 +102,7 @@ def submit(
         job["input"] = parse_json_file(input_file)
     job.update({k: v for k, v in (("timeout_s", timeout), ("memory_mb", memory), ("retries", retries),
                                   ("entry", entry)) if v is not None})
+    job.update(parse_limits(limit))
     client = ctx.obj.client()
     if not wait:
         answer = client.submit(job)
@@ -108,6 +111,17 @@ def submit(
     doc = follow(client, client.execute(job))
     show_outcome(doc, as_json)
     raise typer.Exit(job_exit_code(doc))
+
+
+def parse_limits(pairs: list[str]) -> dict:
+    """`--limit processes=8` -> {"processes": 8}; the daemon checks names and ranges."""
+    limits = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CliError(f"--limit takes NAME=VALUE, not {pair!r}.", ExitStatus.USAGE)
+        limits[name.strip()] = parse_input(value.strip())
+    return limits
 
 
 def parse_json_file(path: Path):

@@ -43,6 +43,16 @@ def test_submit_json_and_options(stack, tmp_path):
     assert doc["result"]["greeting"].count("Cy") == 3
 
 
+def test_other_limits_with_limit_option(stack):
+    code = "import resource\nreturn resource.getrlimit(resource.RLIMIT_NOFILE)[0]"
+    done = stack.cli("submit", "-", "--limit", "open_files=20", "--limit", "processes=8", "--wait", input=code)
+    assert done.returncode == 0 and done.stdout.strip() == "20"
+    bad = stack.cli("submit", "-", "--limit", "open_files", input=code)
+    assert bad.returncode == ExitStatus.USAGE and "NAME=VALUE" in bad.stderr
+    unknown = stack.cli("submit", "-", "--limit", "gpus=2", input=code)
+    assert unknown.returncode == ExitStatus.REJECTED and "Unknown field 'gpus'" in unknown.stderr
+
+
 def test_input_that_is_not_json_is_a_string(stack):
     done = stack.cli("submit", "-", "--input", "hello there", "--wait", input="return input.upper()")
     assert done.stdout.strip() == '"HELLO THERE"'

@@ -16,6 +16,7 @@ from .health import HealthChecker
 from .lifecycle import Lifecycle
 from .logs import configure_logging
 from .queue import JobQueue, connect_redis
+from .recovery import Recovery
 from .settings import Settings
 from .store import OutcomeStore, connect_mongo
 
@@ -35,7 +36,8 @@ def build_app(settings: Settings):
     health_queue = JobQueue(connect_redis(settings.redis_url, settings.health_timeout_s), settings.queue_name)
     health = HealthChecker(health_store, health_queue, settings.health_timeout_s)
     owner = f"daemon.{socket.gethostname()}.{os.getpid()}"
-    return make_app(settings, Lifecycle(settings, store, queue, owner), health), store
+    lifecycle = Lifecycle(settings, store, queue, owner)
+    return make_app(settings, lifecycle, health), lifecycle
 
 
 def ensure_indexes_soon(store: OutcomeStore) -> None:
@@ -56,8 +58,9 @@ def ensure_indexes_soon(store: OutcomeStore) -> None:
 def serve(settings: Settings) -> None:
     """Serve the API until interrupted."""
     configure_logging(settings.log_format, settings.log_level, "daemon")
-    app, store = build_app(settings)
-    ensure_indexes_soon(store)
+    app, lifecycle = build_app(settings)
+    ensure_indexes_soon(lifecycle.store)
+    Recovery(lifecycle).run_in_background(settings.sweep_interval_s, threading.Event())
     log.info("sless daemon listening on http://%s:%d (queue %s)", settings.host, settings.port, settings.queue_name)
     waitress.serve(
         app, host=settings.host, port=settings.port, threads=settings.daemon_threads, ident="sless",

@@ -71,7 +71,7 @@ class Lifecycle:
         job_id = new_job_id()
         self.store.insert(job_id, spec, utcnow())
         try:
-            self.queue.enqueue(job_id, spec.timeout_s)
+            self.queue.enqueue(job_id, spec.timeout_s, 0)
         except Exception:
             self._forget(job_id)
             raise
@@ -83,10 +83,14 @@ class Lifecycle:
         except DependencyDown:
             log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
 
-    def start(self, job_id: str, timeout_s: float) -> dict | None:
+    def start(self, job_id: str) -> dict | None:
         """Claim the job's next attempt for this worker; None when it is not waiting."""
-        lease_s = timeout_s + self.settings.lease_margin_s
-        return self.store.claim(job_id, self.owner, utcnow(), lease_s)
+        return self.store.claim(job_id, self.owner, utcnow(), self.settings.lease_s)
+
+    def renew(self, job: dict) -> None:
+        """Extend the running attempt's lease (the worker's heartbeat)."""
+        until = utcnow() + timedelta(seconds=self.settings.lease_s)
+        self.store.renew_lease(job["_id"], job["attempts"], self.owner, until)
 
     def finish(self, job: dict, outcome: AttemptOutcome) -> Decision:
         """Record an attempt's outcome: completed, retry scheduled, or failed for good."""
@@ -125,17 +129,20 @@ class Lifecycle:
             if not self.store.take_retry(job["_id"], job["attempts"], self.owner):
                 continue
             try:
-                self.queue.enqueue(job["_id"], job["timeout_s"])
+                self.queue.enqueue(job["_id"], job["timeout_s"], job["attempts"])
             except Exception:
                 self.store.release_retry(job["_id"], job["attempts"])
                 raise
             count += 1
         return count
 
-    def _settle(self, job: dict, attempt: int, changes: dict, error: dict | None = None) -> None:
+    def _settle(self, job: dict, attempt: int, changes: dict, error: dict | None = None) -> bool:
         if not self.store.settle(job["_id"], attempt, changes, error, self.owner):
             log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
                         job["_id"], attempt)
+            return False
+        self.store.drop_lease(job["_id"], attempt)
+        return True
 
     def lose(self, job: dict, why: str) -> Decision:
         """Recover the attempt of a worker that is gone: retry it or fail it as worker_lost."""

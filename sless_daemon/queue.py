@@ -37,6 +37,11 @@ def redis_call(method):
     return wrapper
 
 
+def message_id(job_id: str, attempts: int) -> str:
+    """The RQ job id of the message for the attempt after `attempts`."""
+    return f"{job_id}-{attempts}"
+
+
 def connect_redis(url: str, timeout_s: float = 3.0) -> redis.Redis:
     """A client whose calls fail within `timeout_s` when Redis is away or hung."""
     return redis.Redis.from_url(
@@ -56,12 +61,27 @@ class JobQueue:
         return self.rq_queue.name
 
     @redis_call
-    def enqueue(self, job_id: str, timeout_s: float) -> None:
-        """Hand a job to the workers now. (Delayed retries wait in MongoDB, not here.)"""
+    def enqueue(self, job_id: str, timeout_s: float, attempts: int) -> None:
+        """Hand a job to the workers now, for its attempt after `attempts`.
+
+        The RQ job id names the job and that attempt, so a sweeper can ask Redis
+        whether the message still exists (`missing`). Delayed retries wait in
+        MongoDB, not here.
+        """
         self.rq_queue.enqueue(
-            RUN_JOB, args=(job_id, timeout_s), job_timeout=int(timeout_s) + RQ_TIMEOUT_MARGIN_S,
-            result_ttl=0, failure_ttl=24 * 3600, description=f"sless job {job_id}",
+            RUN_JOB, args=(job_id, timeout_s), job_id=message_id(job_id, attempts),
+            job_timeout=int(timeout_s) + RQ_TIMEOUT_MARGIN_S, result_ttl=0, failure_ttl=24 * 3600,
+            description=f"sless job {job_id}",
         )
+
+    @redis_call
+    def missing(self, jobs: list[tuple[str, int]]) -> list[int]:
+        """Indexes of the (job_id, attempts) pairs whose message Redis no longer has."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id, attempts in jobs:
+                pipe.exists(rq.job.Job.redis_job_namespace_prefix + message_id(job_id, attempts))
+            found = pipe.execute()
+        return [i for i, exists in enumerate(found) if not exists]
 
     @redis_call
     def depth(self) -> int:

@@ -66,15 +66,16 @@ class OutcomeStore:
         self.db = client[db_name]
         self.jobs = self.db["jobs"]
         self.guards = self.db["guards"]
+        self.leases = self.db["leases"]
 
     @mongo_call
     def ensure_indexes(self) -> None:
         """Indexes for listing by state and time, and for finding lost attempts."""
         self.jobs.create_index([("state", 1), ("submitted_at", -1)])
         self.jobs.create_index([("submitted_at", -1)])
-        self.jobs.create_index([("state", 1), ("lease_until", 1)])
         self.jobs.create_index([("worker", 1)])
         self.jobs.create_index([("state", 1), ("retry_at", 1)])
+        self.leases.create_index([("until", 1)])
 
     @mongo_call
     def insert(self, job_id: str, spec: JobSpec, now: datetime) -> None:
@@ -84,8 +85,7 @@ class OutcomeStore:
             "input_json": json.dumps(spec.input), "entry": spec.entry, "timeout_s": spec.timeout_s,
             "limits": spec.limits.to_dict(), "retries": spec.retries, "attempts": 0, "submitted_at": now,
             "started_at": None, "finished_at": None, "duration_ms": None, "result_json": None,
-            "error": None, "attempt_errors": [], "stdout": "", "stderr": "", "worker": None,
-            "lease_until": None, "retry_at": None,
+            "error": None, "attempt_errors": [], "stdout": "", "stderr": "", "worker": None, "retry_at": None,
         })
 
     @mongo_call
@@ -114,10 +114,30 @@ class OutcomeStore:
         lease_until = now + timedelta(seconds=lease_s)
         if not self._take_claim(job_id, attempt, worker, now, lease_until):
             return None
+        self.renew_lease(job_id, attempt, worker, lease_until)  # before the state: a running job has a lease
         changes = {"state": JobState.RUNNING.value, "attempts": attempt, "worker": worker, "started_at": now,
-                   "lease_until": lease_until, "retry_at": None}
+                   "retry_at": None}
         self.jobs.update_one({"_id": job_id}, {"$set": changes})
         return {**job, **changes}
+
+    @mongo_call
+    def renew_lease(self, job_id: str, attempt: int, worker: str, until: datetime) -> None:
+        """Say that `worker` still runs this attempt, until `until`.
+
+        Leases live in their own collection, written only by the attempt's worker: a
+        renewal never races with another writer of the job document (FerretDB
+        loses one of two concurrent updates of a document, measured).
+        """
+        self.leases.replace_one({"_id": job_id}, {"attempt": attempt, "worker": worker, "until": until}, upsert=True)
+
+    @mongo_call
+    def drop_lease(self, job_id: str, attempt: int) -> None:
+        self.leases.delete_one({"_id": job_id, "attempt": attempt})
+
+    @mongo_call
+    def expired_leases(self, now: datetime, limit: int = 100) -> list[dict]:
+        """Leases nobody renewed in time: their worker, on whatever host, is gone."""
+        return list(self.leases.find({"until": {"$lt": now}}).limit(limit))
 
     def _take_claim(self, job_id: str, attempt: int, worker: str, now: datetime, lease_until: datetime) -> bool:
         """Win attempt `attempt` of a job, or learn that another worker did.
@@ -144,7 +164,7 @@ class OutcomeStore:
         """
         if not self._take(guard_key(job_id, attempt, "settle"), owner):
             return False
-        update = {"$set": {"lease_until": None, **changes}}
+        update = {"$set": changes}
         if error:
             update["$push"] = {"attempt_errors": {"attempt": attempt, **error}}
         self.jobs.update_one({"_id": job_id, "attempts": attempt}, update)
@@ -181,9 +201,12 @@ class OutcomeStore:
         return list(self.jobs.find({"state": JobState.RUNNING.value, "worker": worker}))
 
     @mongo_call
-    def expired_leases(self, now: datetime, limit: int = 100) -> list[dict]:
-        """Running jobs whose attempt should have ended long ago: their worker is lost."""
-        return list(self.jobs.find({"state": JobState.RUNNING.value, "lease_until": {"$lt": now}}).limit(limit))
+    def waiting_since(self, before: datetime, limit: int = 1000) -> list[dict]:
+        """Jobs waiting for a worker since before `before` (queued, or retries that are due)."""
+        query = {"state": JobState.SUBMITTED.value, "submitted_at": {"$lt": before},
+                 "$or": [{"retry_at": None}, {"retry_at": {"$lt": before}}]}
+        return list(self.jobs.find(query, {"_id": 1, "attempts": 1, "timeout_s": 1}).sort("submitted_at", 1)
+                    .limit(limit))
 
     @mongo_call
     def ping(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 import time
 
 import rq
@@ -63,7 +64,7 @@ class AttemptRunner:
         self.worker_name = worker_name
 
     def run(self, job_id: str, timeout_s: float) -> None:
-        job = self.lifecycle.start(job_id, timeout_s)
+        job = self.lifecycle.start(job_id)
         if job is None:
             log.info("job %s is not waiting (cancelled, running elsewhere or finished); skipped", job_id,
                      extra={"job_id": job_id})
@@ -74,8 +75,9 @@ class AttemptRunner:
                  summarize(spec.input), extra=fields)
         context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
-        outcome = self.execute(spec, context)
-        decision = self.record(job, outcome)
+        with LeaseKeeper(self.lifecycle, job):
+            outcome = self.execute(spec, context)
+            decision = self.record(job, outcome)
         log_outcome(job, outcome, decision, fields)
         self.executor.prepare_spare()
 
@@ -98,6 +100,35 @@ class AttemptRunner:
                             extra={"job_id": job["_id"]})
                 time.sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX_S)
+
+
+class LeaseKeeper:
+    """Renews a running attempt's lease from a thread while the attempt runs (the heartbeat).
+
+    If this worker dies, nobody renews it and a recovery sweep on any host settles
+    the attempt as lost within about one lease.
+    """
+
+    def __init__(self, lifecycle: Lifecycle, job: dict):
+        self.lifecycle = lifecycle
+        self.job = job
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name=f"lease-{job['_id']}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def beat(self) -> None:
+        while not self.stop.wait(self.lifecycle.settings.lease_s / 3):
+            try:
+                self.lifecycle.renew(self.job)
+            except DependencyDown as e:
+                log.warning("job %s: cannot renew the lease (%s)", self.job["_id"], e)
 
 
 def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> None:

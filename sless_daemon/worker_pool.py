@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import DependencyDown
-from .lifecycle import Lifecycle, utcnow
+from .lifecycle import Lifecycle
 from .queue import JobQueue, connect_redis
+from .recovery import Recovery
 from .settings import Settings
 from .store import OutcomeStore, connect_mongo
 from .worker import SANDBOX_UNAVAILABLE_EXIT
@@ -66,7 +67,7 @@ class WorkerPool:
         self.grace_s = grace_s
         self.pool_id = f"{socket.gethostname()}.{os.getpid()}"
         self.stop_requested = threading.Event()
-        self.retry_outage: str | None = None
+        self.recovery = Recovery(lifecycle)
         self.insecure = insecure
         self.exit_code = 0
 
@@ -80,9 +81,8 @@ class WorkerPool:
         next_sweep = 0.0
         while not self.stop_requested.wait(POLL_S):
             self.replace_dead()
-            self.enqueue_due_retries()
             if time.monotonic() >= next_sweep:
-                self.sweep_expired_leases()
+                self.recovery.sweep()
                 next_sweep = time.monotonic() + self.sweep_interval_s
         self.shutdown()
         return self.exit_code
@@ -130,26 +130,7 @@ class WorkerPool:
                             "retry scheduled" if decision.retry else "failed: no retries left",
                             extra={"job_id": job["_id"], "worker": slot.name})
         except DependencyDown as e:
-            log.error("cannot recover the jobs of worker %s yet: %s (the lease sweep will)", slot.name, e)
-
-    def enqueue_due_retries(self) -> None:
-        try:
-            self.lifecycle.enqueue_due_retries()
-            self.retry_outage = None
-        except DependencyDown as e:
-            if self.retry_outage != e.dependency:  # once per outage, not five times a second
-                log.warning("retries not enqueued until %s is back: %s", e.dependency, e)
-            self.retry_outage = e.dependency
-
-    def sweep_expired_leases(self) -> None:
-        """Recover attempts whose lease ran out: their worker, on any host, is gone."""
-        try:
-            for job in self.lifecycle.store.expired_leases(utcnow()):
-                self.lifecycle.lose(job, f"worker {job.get('worker')} stopped reporting; its lease expired")
-                log.warning("job %s: lease of worker %s expired; recovered", job["_id"], job.get("worker"),
-                            extra={"job_id": job["_id"]})
-        except DependencyDown as e:
-            log.warning("lease sweep skipped: %s", e)
+            log.error("cannot recover the jobs of worker %s yet: %s (the recovery sweep will)", slot.name, e)
 
     def shutdown(self) -> None:
         """Warm-stop every worker, wait up to the grace period, then kill and recover the rest."""

@@ -39,7 +39,7 @@ def lifecycle():
 
 def test_indexes_for_state_and_time(lifecycle):
     keys = [tuple(k for k, _ in index["key"]) for index in lifecycle.store.jobs.index_information().values()]
-    assert ("state", "submitted_at") in keys and ("submitted_at",) in keys and ("state", "lease_until") in keys
+    assert ("state", "submitted_at") in keys and ("submitted_at",) in keys and ("state", "retry_at") in keys
 
 
 def test_accept_records_then_enqueues(lifecycle):
@@ -50,11 +50,11 @@ def test_accept_records_then_enqueues(lifecycle):
 
 def test_a_redelivered_job_is_claimed_once(lifecycle):
     job_id = lifecycle.accept(SPEC)
-    first = lifecycle.start(job_id, 1.0)
+    first = lifecycle.start(job_id)
     assert first["attempts"] == 1 and first["state"] == "running"
-    assert other_worker(lifecycle).start(job_id, 1.0) is None
+    assert other_worker(lifecycle).start(job_id) is None
     lifecycle.finish(first, AttemptOutcome(result=5, duration_ms=1.0))
-    assert other_worker(lifecycle).start(job_id, 1.0) is None
+    assert other_worker(lifecycle).start(job_id) is None
     doc = lifecycle.store.get(job_id)
     assert doc["state"] == "completed" and doc["attempts"] == 1 and doc["result_json"] == "5"
 
@@ -62,10 +62,10 @@ def test_a_redelivered_job_is_claimed_once(lifecycle):
 def test_a_stale_attempt_cannot_overwrite_a_newer_one(lifecycle):
     job_id = lifecycle.accept(SPEC)
     old_worker, sweeper, new_worker = (other_worker(lifecycle, name) for name in ("w1", "sweeper", "w2"))
-    stale = old_worker.start(job_id, 1.0)
+    stale = old_worker.start(job_id)
     sweeper.lose(stale, "worker w1 vanished")  # given up on: back to waiting, retry due now
     assert sweeper.enqueue_due_retries() == 1
-    fresh = new_worker.start(job_id, 1.0)
+    fresh = new_worker.start(job_id)
     assert fresh["attempts"] == 2
     old_worker.finish(stale, AttemptOutcome(result="stale", duration_ms=1.0))  # the old worker comes back
     new_worker.finish(fresh, AttemptOutcome(result="fresh", duration_ms=1.0))
@@ -77,11 +77,11 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(lifecycle):
 def test_failed_attempts_retry_then_fail_for_good(lifecycle):
     job_id = lifecycle.accept(SPEC)
     error = failed(ErrorType.EXCEPTION, "ValueError: x")
-    decision = lifecycle.finish(lifecycle.start(job_id, 1.0), AttemptOutcome(error=error, duration_ms=1.0))
+    decision = lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=error, duration_ms=1.0))
     assert decision.retry
     assert lifecycle.store.get(job_id)["state"] == JobState.SUBMITTED
     lifecycle.enqueue_due_retries()
-    decision = lifecycle.finish(lifecycle.start(job_id, 1.0), AttemptOutcome(error=error, duration_ms=1.0))
+    decision = lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=error, duration_ms=1.0))
     assert not decision.retry
     doc = lifecycle.store.get(job_id)
     assert doc["state"] == "failed" and doc["attempts"] == 2 and len(doc["attempt_errors"]) == 2
@@ -92,7 +92,7 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
     for _ in range(20):
         job_id = lifecycle.accept(SPEC)
         lifecycle.queue.rq_queue.empty()
-        lifecycle.lose(lifecycle.start(job_id, 1.0), "gone")
+        lifecycle.lose(lifecycle.start(job_id), "gone")
         ids.append(job_id)
     counts = []
     sweepers = [other_worker(lifecycle, f"sweeper{i}") for i in range(4)]
@@ -106,16 +106,16 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
 
 def test_a_retry_waits_for_its_time(lifecycle):
     job_id = lifecycle.accept(SPEC)
-    lifecycle.finish(lifecycle.start(job_id, 1.0), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
+    lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
     lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"retry_at": utcnow() + timedelta(hours=1)}})
     assert lifecycle.enqueue_due_retries() == 0
-    assert lifecycle.start(job_id, 1.0) is None  # a message that arrives early does not start it either
+    assert lifecycle.start(job_id) is None  # a message that arrives early does not start it either
 
 
 def test_settling_is_reentrant_for_its_owner(lifecycle):
     """A worker whose outcome write failed half-way can write it again."""
     job_id = lifecycle.accept(SPEC)
-    job = lifecycle.start(job_id, 1.0)
+    job = lifecycle.start(job_id)
     assert lifecycle.store.settle(job_id, 1, {"state": "completed", "result_json": "1"}, None, "test")
     assert lifecycle.store.settle(job_id, 1, {"state": "completed", "result_json": "1"}, None, "test")
     assert not lifecycle.store.settle(job_id, 1, {"state": "failed"}, None, "someone-else")
@@ -133,7 +133,7 @@ def test_concurrent_workers_claim_each_attempt_once(lifecycle):
     workers = [other_worker(lifecycle, f"w{i}") for i in range(4)]
 
     def claim_all(worker: Lifecycle) -> None:
-        wins.extend(job_id for job_id in ids if worker.start(job_id, 1.0) is not None)
+        wins.extend(job_id for job_id in ids if worker.start(job_id) is not None)
 
     threads = [threading.Thread(target=claim_all, args=(w,)) for w in workers]
     for t in threads:

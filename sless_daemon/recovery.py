@@ -1,0 +1,95 @@
+"""The recovery sweep: whatever dies along the way, every accepted job reaches a terminal state.
+
+MongoDB holds the durable record; Redis is only the transport. The sweep compares
+the two and mends the difference:
+
+- a running attempt whose lease nobody renewed (its worker, pool or host is gone)
+  is settled as `worker_lost`: retried, or failed when its retries are spent;
+- a retry whose time has come is enqueued;
+- a job waiting for a worker whose message Redis no longer has (Redis restarted
+  without persistence, an enqueue lost, a retry sweeper that died) is enqueued again.
+
+Worker pools run it every `sweep_interval_s`, and the daemon at start and then
+periodically. Several sweepers, on several hosts, may run at once: settling an
+attempt and enqueuing a retry are guarded in MongoDB, and a duplicate message is
+skipped when a worker claims it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from .errors import DependencyDown
+from .lifecycle import Lifecycle, utcnow
+
+log = logging.getLogger("sless.recovery")
+
+
+class Recovery:
+    """One sweeper; `sweep` is safe to call from several processes and hosts at once."""
+
+    def __init__(self, lifecycle: Lifecycle):
+        self.lifecycle = lifecycle
+        self.store = lifecycle.store
+        self.outage: str | None = None
+
+    def sweep(self) -> dict[str, int]:
+        """Run every repair once; returns how many jobs each one touched."""
+        try:
+            counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries(),
+                      "orphans": self.requeue_orphans()}
+        except DependencyDown as e:
+            if self.outage != e.dependency:  # once per outage, not every second
+                log.warning("recovery sweep paused until %s is back: %s", e.dependency, e)
+            self.outage = e.dependency
+            return {}
+        if self.outage:
+            log.info("recovery sweep running again (%s is back)", self.outage)
+            self.outage = None
+        return counts
+
+    def recover_lost_attempts(self) -> int:
+        """Settle attempts whose lease expired as lost."""
+        count = 0
+        for lease in self.store.expired_leases(utcnow()):
+            job = self.store.get(lease["_id"])
+            if job and job["state"] == "running" and job["attempts"] == lease["attempt"]:
+                decision = self.lifecycle.lose(job, f"worker {lease['worker']} stopped renewing its lease")
+                log.warning("job %s: worker %s lost (lease expired); %s", job["_id"], lease["worker"],
+                            "retry scheduled" if decision.retry else "failed: no retries left",
+                            extra={"job_id": job["_id"], "worker": lease["worker"]})
+                count += 1
+            self.store.drop_lease(lease["_id"], lease["attempt"])
+        return count
+
+    def requeue_orphans(self) -> int:
+        """Enqueue again the waiting jobs whose message Redis lost."""
+        settings = self.lifecycle.settings
+        waiting = self.store.waiting_since(utcnow() - timedelta(seconds=settings.orphan_grace_s))
+        if not waiting:
+            return 0
+        lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting])
+        for index in lost:
+            job = waiting[index]
+            self.lifecycle.queue.enqueue(job["_id"], job["timeout_s"], job["attempts"])
+            log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
+                        extra={"job_id": job["_id"]})
+        return len(lost)
+
+    def run_in_background(self, interval_s: float, stop: threading.Event) -> threading.Thread:
+        """Sweep now and then every `interval_s` until `stop` is set (the daemon's way)."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - the sweeper must outlive any one bad sweep
+                    log.exception("recovery sweep failed; trying again")
+                if stop.wait(interval_s):
+                    return
+
+        thread = threading.Thread(target=loop, name="recovery", daemon=True)
+        thread.start()
+        return thread

@@ -64,19 +64,20 @@ class Capture:
         Returns why it stopped: "exited", "timeout" or "output_limit".
         """
         selector = selectors.DefaultSelector()
-        sinks = {child.stdout.fileno(): self.stdout, child.stderr.fileno(): self.stderr,
-                 self.report_fd: self.report_buffer}
-        for fd in sinks:
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ)
-        stdin_fd = child.stdin.fileno()
-        os.set_blocking(stdin_fd, False)
-        selector.register(stdin_fd, selectors.EVENT_WRITE)
-        exit_fd = os.pidfd_open(child.pid)
-        selector.register(exit_fd, selectors.EVENT_READ)
-        pending = memoryview(request)
-        exited = False
+        exit_fd = None
         try:
+            sinks = {child.stdout.fileno(): self.stdout, child.stderr.fileno(): self.stderr,
+                     self.report_fd: self.report_buffer}
+            for fd in sinks:
+                os.set_blocking(fd, False)
+                selector.register(fd, selectors.EVENT_READ)
+            stdin_fd = child.stdin.fileno()
+            os.set_blocking(stdin_fd, False)
+            selector.register(stdin_fd, selectors.EVENT_WRITE)
+            exit_fd = os.pidfd_open(child.pid)
+            selector.register(exit_fd, selectors.EVENT_READ)
+            pending = memoryview(request)
+            exited = False
             while selector.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -95,7 +96,8 @@ class Capture:
             return "exited"
         finally:
             selector.close()
-            os.close(exit_fd)
+            if exit_fd is not None:
+                os.close(exit_fd)
             for stream in (child.stdin, child.stdout, child.stderr):
                 stream.close()
             os.close(self.report_fd)

@@ -82,13 +82,18 @@ class Cgroups:
                 _write_if_present(d / file, value)
         return JobCgroup(dirs, self.version)
 
-    def remove_stale(self) -> int:
-        """Remove cgroups left by executors that died (named `<worker>-<pid>-<n>`); returns how many."""
+    def remove_stale(self, prefix: str) -> int:
+        """Remove cgroups left by dead executors of this host (named `<prefix>...-<pid>-<n>`).
+
+        Only names with this host's prefix: another host or container sharing the
+        cgroup tree has its own PIDs, which this one cannot check.
+        """
         removed = 0
         for base in self.bases:
             for d in base.iterdir():
                 owner = d.name.rsplit("-", 2)
-                if d.is_dir() and len(owner) == 3 and owner[1].isdigit() and not _alive(int(owner[1])):
+                if (d.is_dir() and d.name.startswith(prefix) and len(owner) == 3 and owner[1].isdigit()
+                        and not _alive(int(owner[1]))):
                     JobCgroup([d], self.version).remove()
                     removed += 1
         return removed

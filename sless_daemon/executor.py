@@ -46,6 +46,7 @@ RUNNER_PATH = Path(__file__).with_name("runner.py")
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SANDBOX_OVERHEAD_PROCESSES = 4  # bubblewrap's two processes and some slack, under the slot's uid
+REAP_TIMEOUT_S = 5.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -96,17 +97,22 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         launched = self._take_spare(spec) or self._launch(spec)
+        reaped = False
         try:
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes, launched.report_fd)  # closes it
             ended_by = capture.pump(launched.child, request, deadline=started + spec.timeout_s)
-            status, usage = _reap(launched.child)
+            status = _reap(launched.child)
+            reaped = True
+            breaches = _cgroup_breaches(launched.cgroup)  # read before the cgroup is removed
         finally:
+            if not reaped:
+                _reap(launched.child)
             self._dispose(launched)
-        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        duration_s = time.monotonic() - started
         stderr = capture.stderr.text()
-        error, result = classify(spec, self.settings, ended_by, status, usage, capture.report(), stderr,
-                                 launched.cgroup)
-        return AttemptOutcome(result, error, capture.stdout.text(), stderr, duration_ms)
+        error, result = classify(spec, self.settings, Ending(ended_by, status, duration_s, breaches),
+                                 capture.report(), stderr)
+        return AttemptOutcome(result, error, capture.stdout.text(), stderr, round(duration_s * 1000, 3))
 
     def prepare_spare(self) -> None:
         """Start the next sandbox now, with the default limits, so a job need not wait for it.
@@ -125,15 +131,17 @@ class Executor:
         """Stop the spare sandbox, if any (the worker is stopping)."""
         spare, self.spare = self.spare, None
         if spare:
-            os.close(spare.report_fd)
-            _reap(spare.child)
-            self._dispose(spare)
+            self.close_launched(spare)
 
     def _take_spare(self, spec: JobSpec) -> Launched | None:
-        spare = self.spare
-        if spare is None or spare.limits != spec.limits:
-            return None  # other limits: this job starts its own, the spare waits for the next
-        self.spare = None
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        if spare.limits != spec.limits:
+            # other limits: this job starts its own sandbox; the spare goes, so its processes
+            # do not count against the job's process limit under the same slot uid
+            self.close_launched(spare)
+            return None
         if spare.child.poll() is not None:  # died while waiting
             self.close_launched(spare)
             return None
@@ -171,7 +179,8 @@ class Executor:
         if self.sandbox is None or self.sandbox.cgroups is None:
             return None
         name = f"{self.name}-{os.getpid()}-{next(self.attempt_numbers)}"
-        return self.sandbox.cgroups.create(name, spec.memory_mb << 20, spec.limits.processes)
+        return self.sandbox.cgroups.create(name, spec.memory_mb << 20,
+                                           spec.limits.processes + SANDBOX_OVERHEAD_PROCESSES)
 
     def _start(self, spec: JobSpec, report_fd: int, cgroup: JobCgroup | None):
         """Start the attempt's process; returns it and a clean-up to call after it ended."""
@@ -260,23 +269,42 @@ def reap_orphans() -> None:
             return
 
 
-def _reap(child) -> tuple[int, Any]:
-    """Kill whatever is left of the child's process group and collect its status."""
+def _reap(child) -> int:
+    """Kill what is left of the attempt (the outer bubblewrap; the namespace dies with it)
+    and collect its exit status."""
     try:
         os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         pass
+    except PermissionError:
+        log.error("cannot signal the sandbox (pid %d): the worker needs CAP_KILL", child.pid)
     try:
-        _, raw_status, usage = os.wait4(child.pid, 0)
-    except ChildProcessError:
-        return child.returncode or 0, None
-    child.returncode = os.waitstatus_to_exitcode(raw_status)
-    return child.returncode, usage
+        return child.wait(timeout=REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.error("the sandbox (pid %d) did not die; leaving it", child.pid)
+        return -signal.SIGKILL
 
 
-def classify(spec: JobSpec, settings: Settings, ended_by: str, status: int, usage, report: str | None,
-             stderr_text: str, cgroup: JobCgroup | None):
+def _cgroup_breaches(cgroup: JobCgroup | None) -> frozenset[str]:
+    if cgroup is None:
+        return frozenset()
+    return frozenset(name for name, hit in (("memory", cgroup.memory_exhausted()),
+                                            ("processes", cgroup.pids_exhausted())) if hit)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an attempt's process ended, as far as the worker can see."""
+
+    ended_by: str  # "exited", "timeout" or "output_limit" (capture.Capture.pump)
+    status: int  # exit code, -signal, or bubblewrap's 128 + signal
+    duration_s: float
+    breaches: frozenset[str]  # cgroup limits that were hit: "memory", "processes"
+
+
+def classify(spec: JobSpec, settings: Settings, ending: Ending, report: str | None, stderr_text: str):
     """Decide (error, result) from how the attempt ended and what it reported."""
+    ended_by = ending.ended_by
     if ended_by == "timeout":
         return failed(ErrorType.TIMEOUT, f"The attempt ran past its {spec.timeout_s:g} s time limit and was killed."), None
     if ended_by == "output_limit":
@@ -284,19 +312,20 @@ def classify(spec: JobSpec, settings: Settings, ended_by: str, status: int, usag
                                               "of output and was killed."), None
     if report is not None:
         return _from_report(report, spec)
-    if cgroup and cgroup.memory_exhausted():
+    if "memory" in ending.breaches:
         return _out_of_memory(spec), None
-    signum = _signal_of(status)
-    cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
-    if signum in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= math.ceil(spec.limits.cpu_s) - 0.05:
-        return failed(ErrorType.TIMEOUT, f"The attempt used its {math.ceil(spec.limits.cpu_s)} s of CPU time "
-                                         "and was killed."), None
+    signum = _signal_of(ending.status)
+    cpu_limit_s = math.ceil(spec.limits.cpu_s)
+    # SIGXCPU is the soft CPU limit; SIGKILL a second later the hard one (for code that ignores
+    # SIGXCPU). bubblewrap does not pass on its child's CPU usage, so elapsed time stands in.
+    if signum == signal.SIGXCPU or (signum == signal.SIGKILL and ending.duration_s >= cpu_limit_s):
+        return failed(ErrorType.TIMEOUT, f"The attempt used its {cpu_limit_s} s of CPU time and was killed."), None
     if "MemoryError" in stderr_text[-4096:] or "Cannot allocate memory" in stderr_text[-4096:]:
         return _out_of_memory(spec), None
-    if cgroup and cgroup.pids_exhausted():
+    if "processes" in ending.breaches:
         return failed(ErrorType.PROCESS_LIMIT, f"The attempt reached its limit of {spec.limits.processes} "
                                                "processes and threads."), None
-    how = f"was killed by {signal.Signals(signum).name}" if signum else f"exited with code {status}"
+    how = f"was killed by {signal.Signals(signum).name}" if signum else f"exited with code {ending.status}"
     return failed(ErrorType.CRASHED, f"The attempt's process {how} before reporting a result."), None
 
 

@@ -8,6 +8,7 @@ in MongoDB.
 from __future__ import annotations
 
 import functools
+from datetime import datetime, timezone
 
 import redis
 import rq
@@ -17,7 +18,8 @@ from .errors import DependencyDown
 
 REDIS = "Redis"
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
-RQ_TIMEOUT_MARGIN_S = 60  # RQ's own job timeout is only a safety net behind the executor's
+# RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
+# and RQ's alarm would cut short a worker that keeps a finished outcome while MongoDB is away.
 
 
 def redis_call(method):
@@ -35,6 +37,17 @@ def redis_call(method):
             raise DependencyDown(REDIS, str(e)[:300]) from e
 
     return wrapper
+
+
+def _will_start(status: bytes | None, started_at: bytes | None, now: datetime, grace_s: float) -> bool:
+    if status in (b"queued", b"scheduled", b"deferred"):
+        return True
+    if status == b"started" and started_at:
+        started = datetime.fromisoformat(started_at.decode().replace("Z", "+00:00"))
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=timezone.utc)
+        return (now - started).total_seconds() < grace_s
+    return False
 
 
 def message_id(job_id: str, attempts: int) -> str:
@@ -70,18 +83,26 @@ class JobQueue:
         """
         self.rq_queue.enqueue(
             RUN_JOB, args=(job_id, timeout_s), job_id=message_id(job_id, attempts),
-            job_timeout=int(timeout_s) + RQ_TIMEOUT_MARGIN_S, result_ttl=0, failure_ttl=24 * 3600,
+            job_timeout=-1, result_ttl=0, failure_ttl=24 * 3600,
             description=f"sless job {job_id}",
         )
 
     @redis_call
-    def missing(self, jobs: list[tuple[str, int]]) -> list[int]:
-        """Indexes of the (job_id, attempts) pairs whose message Redis no longer has."""
+    def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:
+        """Indexes of the (job_id, attempts) pairs that no worker will start from Redis.
+
+        That is: no message (Redis lost it), a message RQ gave up on (failed, stopped),
+        or one a worker took more than `started_grace_s` ago without claiming the job
+        (the worker died between dequeue and claim).
+        """
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id, attempts in jobs:
-                pipe.exists(rq.job.Job.redis_job_namespace_prefix + message_id(job_id, attempts))
+                pipe.hmget(rq.job.Job.redis_job_namespace_prefix + message_id(job_id, attempts),
+                           ["status", "started_at"])
             found = pipe.execute()
-        return [i for i, exists in enumerate(found) if not exists]
+        now = datetime.now(timezone.utc)
+        return [i for i, (status, started_at) in enumerate(found) if not _will_start(status, started_at, now,
+                                                                                     started_grace_s)]
 
     @redis_call
     def depth(self) -> int:

@@ -54,14 +54,14 @@ class Recovery:
         """Settle attempts whose lease expired as lost."""
         count = 0
         for lease in self.store.expired_leases(utcnow()):
-            job = self.store.get(lease["_id"])
+            job = self.store.get(lease["job_id"])
             if job and job["state"] == "running" and job["attempts"] == lease["attempt"]:
                 decision = self.lifecycle.lose(job, f"worker {lease['worker']} stopped renewing its lease")
                 log.warning("job %s: worker %s lost (lease expired); %s", job["_id"], lease["worker"],
                             "retry scheduled" if decision.retry else "failed: no retries left",
                             extra={"job_id": job["_id"], "worker": lease["worker"]})
                 count += 1
-            self.store.drop_lease(lease["_id"], lease["attempt"])
+            self.store.drop_lease(lease["job_id"], lease["attempt"])
         return count
 
     def requeue_orphans(self) -> int:
@@ -70,7 +70,7 @@ class Recovery:
         waiting = self.store.waiting_since(utcnow() - timedelta(seconds=settings.orphan_grace_s))
         if not waiting:
             return 0
-        lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting])
+        lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting], settings.lease_s)
         for index in lost:
             job = waiting[index]
             self.lifecycle.queue.enqueue(job["_id"], job["timeout_s"], job["attempts"])

@@ -26,6 +26,7 @@ RUNNER_INSIDE = "/sless/runner.py"
 WORKDIR_INSIDE = "/work"
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": WORKDIR_INSIDE,
                "TMPDIR": WORKDIR_INSIDE}
+SHM_BYTES = 4 << 20  # /dev/shm: enough for multiprocessing's semaphores, too small to hoard memory in
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 FIX_HINT = ("Install bubblewrap (apt-get install bubblewrap) and allow unprivileged user namespaces "
             "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0); in Docker, give the "
@@ -65,7 +66,7 @@ def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_byt
     for path in sandbox.extra_ro_binds:
         command += ["--ro-bind", path, path]
     command += [
-        "--proc", "/proc", "--dev", "/dev",
+        "--proc", "/proc", "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
         "--size", str(tmpfs_bytes), "--tmpfs", WORKDIR_INSIDE, "--symlink", WORKDIR_INSIDE, "/tmp",
         "--perms", "0444", "--ro-bind-data", str(runner_fd), RUNNER_INSIDE,
         "--remount-ro", "/", "--chdir", WORKDIR_INSIDE,

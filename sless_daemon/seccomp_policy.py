@@ -78,7 +78,12 @@ DENIED_SYSCALLS = {
     "move_pages": "moving other processes' memory",
     "mbind": "NUMA policy games",
     "set_mempolicy": "NUMA policy games",
+    "shmget": "SysV shared memory: pages outside RLIMIT_AS that outlive their process",
+    "memfd_create": "anonymous files: memory outside RLIMIT_AS",
+    "memfd_secret": "secret memory areas",
 }
+
+AF_VSOCK = 40
 
 # clone() flags that create namespaces: refused, as unshare() is.
 CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00000080
@@ -99,6 +104,8 @@ def build_filter_bpf() -> bytes:
     # clone3 passes its flags in memory, where a filter cannot look: make callers
     # fall back to clone(), whose flags it can check.
     policy.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    # vsock reaches the hypervisor host (Firecracker, Kata): network namespaces do not isolate it.
+    policy.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.EQ, AF_VSOCK))
     for flag in _bits(CLONE_NAMESPACE_FLAGS):
         policy.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     with tempfile.TemporaryFile() as out:

@@ -29,7 +29,9 @@ class Settings:
     mongo_db: str = _setting("sless", doc="database name; the `jobs` collection lives there")
     queue_name: str = _setting("compute-tasks", doc="RQ queue workers consume")
     api_token: str = _setting("", doc="when set, every endpoint but GET / needs `Authorization: Bearer <token>`")
-    max_body_bytes: int = _setting(1 << 20, 1024, 64 << 20, doc="largest accepted request body")
+    # A job's document holds its code and input (body), stdout and stderr and the result: the
+    # maxima below keep it under MongoDB's 16 MiB document limit (1 + 2 * 4 + 4 < 16).
+    max_body_bytes: int = _setting(1 << 20, 1024, 2 << 20, doc="largest accepted request body")
     daemon_threads: int = _setting(16, 1, 512, doc="WSGI worker threads in the daemon")
     # Limits of one attempt: a default, and the largest a job may ask for (limits.py).
     default_timeout_s: float = _setting(5.0, 0.1, 3600, doc="wall-clock limit of one attempt")
@@ -46,10 +48,10 @@ class Settings:
     max_file_mb: int = _setting(4096, 1, 65536, doc="largest per-job file_mb accepted")
     default_tmpfs_mb: int = _setting(64, 1, 65536, doc="size of the sandbox's writable /work (and /tmp)")
     max_tmpfs_mb: int = _setting(4096, 1, 65536, doc="largest per-job tmpfs_mb accepted")
-    default_output_bytes: int = _setting(64 << 10, 1024, 1 << 30, doc="kept bytes of stdout and of stderr")
-    max_output_bytes: int = _setting(16 << 20, 1024, 1 << 30, doc="largest per-job output_bytes accepted")
-    default_result_bytes: int = _setting(1 << 20, 1024, 15 << 20, doc="largest JSON result of an attempt")
-    max_result_bytes: int = _setting(15 << 20, 1024, 15 << 20, doc="largest per-job result_bytes accepted")
+    default_output_bytes: int = _setting(64 << 10, 1024, 4 << 20, doc="kept bytes of stdout and of stderr")
+    max_output_bytes: int = _setting(4 << 20, 1024, 4 << 20, doc="largest per-job output_bytes accepted")
+    default_result_bytes: int = _setting(1 << 20, 1024, 4 << 20, doc="largest JSON result of an attempt")
+    max_result_bytes: int = _setting(4 << 20, 1024, 4 << 20, doc="largest per-job result_bytes accepted")
     max_output_flood_bytes: int = _setting(32 << 20, 1024, 1 << 30,
                                            doc="stdout+stderr bytes past which any attempt is killed (output_limit)")
     default_retries: int = _setting(2, 0, 100, doc="retries after a failed attempt")
@@ -60,7 +62,7 @@ class Settings:
     sandbox_python: str = _setting("", doc="interpreter inside the sandbox; empty: /usr/bin/python3, else this one")
     sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
     execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")
-    lease_s: float = _setting(6.0, 1, 3600, doc="a running attempt's lease; its worker renews it every third of it")
+    lease_s: float = _setting(10.0, 1, 3600, doc="a running attempt's lease; its worker renews it every fifth of it")
     sweep_interval_s: float = _setting(1.0, 0.1, 3600, doc="how often pools and daemons look for lost attempts and due retries")
     orphan_grace_s: float = _setting(5.0, 0.5, 3600, doc="how long a waiting job may be missing from Redis before it is enqueued again")
     shutdown_grace_s: float = _setting(30.0, 0, 3600, doc="how long stopping workers may finish running jobs")

@@ -26,6 +26,7 @@ from .spec import JobSpec
 from .states import JobState
 
 MONGO = "MongoDB"
+SOCKET_TIMEOUT_MS = 4000  # well under a lease (10 s): a stalled renewal fails and the next one comes
 
 
 def guard_key(job_id: str, attempt: int, step: str) -> str:
@@ -53,7 +54,7 @@ def connect_mongo(url: str, timeout_s: float = 3.0) -> pymongo.MongoClient:
     """A client that fails within `timeout_s` instead of pymongo's 30 s default."""
     ms = int(timeout_s * 1000)
     return pymongo.MongoClient(
-        url, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=max(ms, 10_000),
+        url, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=max(ms, SOCKET_TIMEOUT_MS),
         tz_aware=True, appname="sless",
     )
 
@@ -124,15 +125,17 @@ class OutcomeStore:
     def renew_lease(self, job_id: str, attempt: int, worker: str, until: datetime) -> None:
         """Say that `worker` still runs this attempt, until `until`.
 
-        Leases live in their own collection, written only by the attempt's worker: a
-        renewal never races with another writer of the job document (FerretDB
-        loses one of two concurrent updates of a document, measured).
+        Leases live in their own collection, one per attempt, written only by that
+        attempt's worker: a renewal never races with another writer of the job document
+        (FerretDB loses one of two concurrent updates of a document, measured), and a
+        stale worker's renewal cannot extend the next attempt's lease.
         """
-        self.leases.replace_one({"_id": job_id}, {"attempt": attempt, "worker": worker, "until": until}, upsert=True)
+        self.leases.replace_one({"_id": guard_key(job_id, attempt, "lease")},
+                                {"job_id": job_id, "attempt": attempt, "worker": worker, "until": until}, upsert=True)
 
     @mongo_call
     def drop_lease(self, job_id: str, attempt: int) -> None:
-        self.leases.delete_one({"_id": job_id, "attempt": attempt})
+        self.leases.delete_one({"_id": guard_key(job_id, attempt, "lease")})
 
     @mongo_call
     def expired_leases(self, now: datetime, limit: int = 100) -> list[dict]:
@@ -155,20 +158,22 @@ class OutcomeStore:
 
     @mongo_call
     def settle(self, job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> bool:
-        """End attempt `attempt` with `changes`; False if the attempt was already settled.
+        """End attempt `attempt` with `changes`; False if somebody else settled it first.
 
         Whoever settles an attempt first wins: the worker reporting its outcome, or a
-        sweeper that found its worker gone. The loser's outcome is discarded, so a
-        stale attempt can never overwrite what a later attempt wrote. The same owner
-        may settle again (its first try may have failed half-way): the guard is re-entrant.
+        sweeper that found its worker gone; a stale attempt can never overwrite what a
+        later attempt wrote. The winner's changes are kept in its guard, so a settle
+        cut short (a crash between guard and update) is finished by the next caller,
+        whoever it is; applying them twice changes nothing.
         """
-        if not self._take(guard_key(job_id, attempt, "settle"), owner):
-            return False
-        update = {"$set": changes}
-        if error:
-            update["$push"] = {"attempt_errors": {"attempt": attempt, **error}}
+        key = guard_key(job_id, attempt, "settle")
+        won = self._take(key, owner, changes=changes, error=error)
+        held = self.guards.find_one({"_id": key}) if not won else {"changes": changes, "error": error}
+        update = {"$set": held["changes"]}
+        if held.get("error"):
+            update["$addToSet"] = {"attempt_errors": {"attempt": attempt, **held["error"]}}
         self.jobs.update_one({"_id": job_id, "attempts": attempt}, update)
-        return True
+        return won
 
     @mongo_call
     def due_retries(self, now: datetime, limit: int = 1000) -> list[dict]:

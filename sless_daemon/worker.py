@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import threading
 import time
 
@@ -124,7 +125,7 @@ class LeaseKeeper:
         self.thread.join()
 
     def beat(self) -> None:
-        while not self.stop.wait(self.lifecycle.settings.lease_s / 3):
+        while not self.stop.wait(self.lifecycle.settings.lease_s / 5):
             try:
                 self.lifecycle.renew(self.job)
             except DependencyDown as e:
@@ -165,7 +166,7 @@ def prepare_sandbox(settings: Settings, slot: int, insecure: bool) -> Sandbox | 
         return None
     sandbox = build_sandbox(settings.sandbox_python, settings.sandbox_uid_base, slot)
     if sandbox.cgroups:
-        sandbox.cgroups.remove_stale()
+        sandbox.cgroups.remove_stale(prefix=socket.gethostname() + ".")
     log.info("sandbox ready: bubblewrap %s, python %s, host uid %s, cgroups %s", sandbox.bwrap, sandbox.python,
              sandbox.host_uid if sandbox.host_uid is not None else "(own)",
              f"v{sandbox.cgroups.version}" if sandbox.cgroups else "unavailable (rlimits only)")

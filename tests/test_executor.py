@@ -134,3 +134,21 @@ def test_the_executor_survives_a_burst_of_hostile_attempts(executor):
     for code in ("while True: pass", "import os; os._exit(1)", "return object()", "x = 'y' * (1 << 40)"):
         run(executor, code, timeout_s=0.3)
     assert run(executor, "return 'alive'").result == "alive"
+
+
+def test_cpu_limit_below_the_wall_clock_is_a_timeout(sandboxed):
+    outcome = run(sandboxed, "while True: pass", timeout_s=5, cpu_s=1)
+    assert outcome.error["type"] == "timeout" and "CPU time" in outcome.error["message"], outcome.error
+    assert outcome.duration_ms < 4000  # the CPU limit fired, not the wall clock
+
+
+def test_memory_of_the_whole_process_tree_is_limited(sandboxed):
+    """Four children of 100 MiB each pass a 256 MiB per-process limit, not the job's cgroup."""
+    if sandboxed.sandbox.cgroups is None:
+        pytest.fail("this machine's worker has no writable cgroups; the per-job memory limit is untested")
+    code = ("import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        b = b'x' * (100 << 20)\n        time.sleep(3)\n        os._exit(0)\n    pids.append(pid)\n"
+            "return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]")
+    outcome = run(sandboxed, code, timeout_s=5, memory_mb=256)
+    assert outcome.error or -9 in outcome.result, outcome  # the kernel killed a child at the job's limit
+    assert run(sandboxed, code.replace("100 << 20", "20 << 20"), timeout_s=5, memory_mb=256).result == [0, 0, 0, 0]

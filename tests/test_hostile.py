@@ -198,6 +198,11 @@ PROGRAMS = [
     ("memory_bomb", "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))", failed_as("memory")),
     ("cpu_spin_ignoring_signals", "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP):\n"
                                   "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass", failed_as("timeout")),
+    ("fill_dev_shm", attempt("with open('/dev/shm/big', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))"), refused),
+    ("write_dev", attempt("open('/dev/sless-evil', 'w').write('x')"), refused),
+    ("memfd_create", attempt("import os\nos.memfd_create('hoard')"), refused),
+    ("sysv_shm", SYSCALL.format(number=29, args="0, 1 << 20, 0o1000 | 0o600"), completed_with("refused")),
+    ("vsock", attempt("import socket\nsocket.socket(40, socket.SOCK_STREAM)"), refused),
     ("fill_tmpfs", attempt("with open('/work/big', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))"), refused),
     ("output_flood", "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", failed_as("output_limit")),
     ("deep_result", "a = []\nfor _ in range(100000):\n    a = [a]\nreturn a", failed_as("invalid_result")),

@@ -122,6 +122,33 @@ def test_settling_is_reentrant_for_its_owner(lifecycle):
     assert lifecycle.store.get(job_id)["state"] == "completed" and job["attempts"] == 1
 
 
+def test_a_settle_cut_short_is_finished_by_the_recovery_sweep(lifecycle):
+    """The worker won the settle guard and died before updating the job: the sweep completes it."""
+    from sless_daemon.recovery import Recovery
+    from sless_daemon.store import guard_key
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.start(job_id)
+    lifecycle.store.guards.insert_one({"_id": guard_key(job_id, 1, "settle"), "owner": "dead-worker",
+                                       "changes": {"state": "completed", "result_json": "7"}, "error": None})
+    lifecycle.store.leases.update_many({}, {"$set": {"until": utcnow() - timedelta(seconds=1)}})
+    assert Recovery(other_worker(lifecycle, "sweeper")).sweep()["lost"] == 1
+    doc = lifecycle.store.get(job_id)
+    assert doc["state"] == "completed" and doc["result_json"] == "7" and doc["attempt_errors"] == []
+
+
+def test_a_lost_message_is_enqueued_again(lifecycle):
+    from sless_daemon.recovery import Recovery
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # as if Redis restarted without persistence
+    lifecycle.queue.rq_queue.empty()
+    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+    assert Recovery(lifecycle).sweep()["orphans"] == 1
+    assert lifecycle.queue.depth() == 1
+    assert Recovery(lifecycle).sweep()["orphans"] == 0  # now queued: left alone
+
+
 def other_worker(lifecycle: Lifecycle, name: str = "w2") -> Lifecycle:
     """The same store and queue, seen from another process."""
     return Lifecycle(lifecycle.settings, lifecycle.store, lifecycle.queue, owner=name)

@@ -203,6 +203,24 @@ def watch_plain(client: DaemonClient, doc: dict) -> dict:
 
 
 @app.command()
+def retry(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="A failed job's id."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the new attempt's outcome."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Run a failed job again as a new attempt (its earlier errors are kept)."""
+    client = ctx.obj.client()
+    doc = client.retry(job_id)
+    if not wait:
+        print_json(doc) if as_json else err.print(f"job {job_id} queued for attempt {doc['attempts'] + 1}")
+        return
+    doc = follow(client, doc)
+    show_outcome(doc, as_json)
+    raise typer.Exit(job_exit_code(doc))
+
+
+@app.command()
 def health(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Check the daemon, Redis, MongoDB, queue depth and live workers. Non-zero exit if any is down."""
     started = time.perf_counter()

@@ -31,6 +31,9 @@ class DaemonClient:
     def status(self, job_id: str) -> dict:
         return self.call("GET", f"/status/{requests.utils.quote(job_id, safe='')}").json()
 
+    def retry(self, job_id: str) -> dict:
+        return self.call("POST", f"/retry/{requests.utils.quote(job_id, safe='')}").json()
+
     def health(self) -> dict:
         """The daemon's view of its dependencies; a 503 still carries the details."""
         return self.call("GET", "/health", accept=(200, 503)).json()

@@ -24,6 +24,7 @@ class ApiError(CliError):
     """Raised when the daemon answered with an error status."""
 
     def __init__(self, status: int, message: str):
-        code = {404: ExitStatus.NOT_FOUND, 503: ExitStatus.UNAVAILABLE}.get(status, ExitStatus.REJECTED)
+        code = {404: ExitStatus.NOT_FOUND, 409: ExitStatus.CONFLICT, 503: ExitStatus.UNAVAILABLE}.get(
+            status, ExitStatus.REJECTED)
         super().__init__(message, code)
         self.status = status

@@ -120,6 +120,12 @@ class Api:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 1.5, 0.1)
 
+    def retry(self, job_id: str):
+        """Dead letters: a failed job runs again as a new attempt."""
+        if not JOB_ID_PATTERN.match(job_id):
+            return error_response(404, f"No job has the id {job_id[:64]!r}.")
+        return json_response(202, status_document(self.lifecycle.reopen(job_id)))
+
     def status(self, job_id: str):
         job = self.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
         if job is None:
@@ -138,6 +144,7 @@ def make_app(settings: Settings, lifecycle: Lifecycle, health: HealthChecker) ->
     app.route("/submit", "POST", api.submit)
     app.route("/execute", "POST", api.execute)
     app.route("/status/<job_id>", "GET", api.status)
+    app.route("/retry/<job_id>", "POST", api.retry)
     app.install(error_plugin(settings))
     for code, message in ((404, "No such endpoint."), (405, "This endpoint does not allow that method.")):
         app.error(code)(_json_error(code, message))

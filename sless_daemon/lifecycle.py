@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .errors import DependencyDown
+from .errors import BadRequest, DependencyDown
 from .outcome import AttemptOutcome, failed
 from .queue import JobQueue
 from .settings import Settings
@@ -143,6 +143,21 @@ class Lifecycle:
             return False
         self.store.drop_lease(job["_id"], attempt)
         return True
+
+    def reopen(self, job_id: str) -> dict:
+        """Run a failed job again as a new attempt (dead letters); earlier errors are kept.
+
+        Raises BadRequest: 404 for an unknown id, 409 when the job has not failed.
+        """
+        job = self.store.get(job_id)
+        if job is None:
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+        if job["state"] != JobState.FAILED.value:
+            raise BadRequest(f"Job {job_id} is {job['state']}; only failed jobs can be retried.", 409)
+        if not self.store.reopen(job_id, job["attempts"], self.owner):
+            raise BadRequest(f"Job {job_id} is already being retried.", 409)
+        self.queue.enqueue(job_id, job["timeout_s"], job["attempts"])
+        return self.store.get(job_id)
 
     def lose(self, job: dict, why: str) -> Decision:
         """Recover the attempt of a worker that is gone: retry it or fail it as worker_lost."""

@@ -176,6 +176,16 @@ class OutcomeStore:
         return won
 
     @mongo_call
+    def reopen(self, job_id: str, attempts: int, owner: str) -> bool:
+        """Make a failed job wait for one more attempt (a manual retry); False if another won."""
+        if not self._take(guard_key(job_id, attempts, "reopen"), owner):
+            return False
+        self.jobs.update_one({"_id": job_id, "attempts": attempts}, {"$set": {
+            "state": JobState.SUBMITTED.value, "retries": attempts, "finished_at": None, "retry_at": None,
+            "worker": None}})
+        return True
+
+    @mongo_call
     def due_retries(self, now: datetime, limit: int = 1000) -> list[dict]:
         """Waiting jobs whose retry time has come (each may already be on its way)."""
         query = {"state": JobState.SUBMITTED.value, "retry_at": {"$lte": now}}

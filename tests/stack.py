@@ -125,10 +125,10 @@ class Stack:
 
     # --- looking inside ----------------------------------------------------------------
     def mongo_jobs(self) -> pymongo.collection.Collection:
-        return pymongo.MongoClient(MONGO_URL, serverSelectionTimeoutMS=3000)[self.db_name]["jobs"]
+        return pymongo.MongoClient(self.env["SLESS_MONGO_URL"], serverSelectionTimeoutMS=3000)[self.db_name]["jobs"]
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(REDIS_URL)
+        return redis.Redis.from_url(self.env["SLESS_REDIS_URL"])
 
     def live_workers(self) -> list[str]:
         import rq
@@ -153,7 +153,10 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-        pymongo.MongoClient(MONGO_URL).drop_database(self.db_name)
+        try:
+            pymongo.MongoClient(self.env["SLESS_MONGO_URL"], serverSelectionTimeoutMS=2000).drop_database(self.db_name)
+        except pymongo.errors.PyMongoError:
+            pass  # a private server that is already gone
 
 
 def wait_until(condition, timeout_s: float, message: str, interval_s: float = 0.05):

@@ -197,3 +197,29 @@ def test_submit_lands_on_the_compute_tasks_queue(make_stack):
     job_id = s.submit({"code": "return 1"})
     assert stack_redis.llen("rq:queue:compute-tasks") == before + 1
     assert s.get(f"/status/{job_id}").json()["state"] == "submitted"
+
+
+def test_failed_job_can_be_retried_as_a_new_attempt(stack):
+    code = "def main(x, context):\n    if context['attempt'] < 3:\n        raise RuntimeError('not yet')\n    return 'third time'"
+    job_id = stack.submit({"code": code, "retries": 1})
+    failed = stack.wait_terminal(job_id)
+    assert failed["state"] == "failed" and failed["attempts"] == 2
+    again = stack.post(f"/retry/{job_id}", b"")
+    assert again.status_code == 202 and again.json()["state"] in ("submitted", "running", "completed")
+    doc = stack.wait_terminal(job_id)
+    assert doc["state"] == "completed" and doc["result"] == "third time" and doc["attempts"] == 3
+    assert [e["attempt"] for e in doc["attempt_errors"]] == [1, 2]
+    conflict = stack.post(f"/retry/{job_id}", b"")
+    assert conflict.status_code == 409 and "only failed jobs" in conflict.json()["error"]
+    assert stack.post("/retry/" + "0" * 32, b"").status_code == 404
+
+
+def test_cli_retry(stack):
+    job_id = stack.submit({"code": "raise ValueError('always')", "retries": 0})
+    stack.wait_terminal(job_id)
+    done = stack.cli("retry", job_id, "--wait", "--json")
+    assert done.returncode == 1 and json.loads(done.stdout)["attempts"] == 2
+    ok_id = stack.submit({"code": "return 1"})
+    stack.wait_terminal(ok_id)
+    conflict = stack.cli("retry", ok_id)
+    assert conflict.returncode == 12 and "only failed jobs" in conflict.stderr

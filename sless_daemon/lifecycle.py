@@ -114,7 +114,8 @@ class Lifecycle:
                        "retry_at": retry_at, "finished_at": None}
         else:
             changes = {**fields, "state": JobState.FAILED.value, "error": error}
-        self._settle(job, attempt, changes, error)
+        if self._settle(job, attempt, changes, {**error, "at": utcnow()}) and decision.retry:
+            self.store.schedule_retry(job["_id"], attempt, job["timeout_s"], changes["retry_at"])
         return decision
 
     def enqueue_due_retries(self, limit: int = 1000) -> int:
@@ -125,14 +126,16 @@ class Lifecycle:
         to run from several places at once: each job is taken atomically.
         """
         count = 0
-        for job in self.store.due_retries(utcnow(), limit):
-            if not self.store.take_retry(job["_id"], job["attempts"], self.owner):
+        for retry in self.store.due_retries(utcnow(), limit):
+            job_id, attempts = retry["job_id"], retry["attempts"]
+            if not self.store.take_retry(job_id, attempts, self.owner):
                 continue
             try:
-                self.queue.enqueue(job["_id"], job["timeout_s"], job["attempts"])
+                self.queue.enqueue(job_id, retry["timeout_s"], attempts)
             except Exception:
-                self.store.release_retry(job["_id"], job["attempts"])
+                self.store.release_retry(job_id, attempts)
                 raise
+            self.store.forget_retry(job_id, attempts)
             count += 1
         return count
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from .errors import DependencyDown
@@ -34,12 +35,19 @@ class Recovery:
         self.lifecycle = lifecycle
         self.store = lifecycle.store
         self.outage: str | None = None
+        self.next_orphan_scan = 0.0
 
-    def sweep(self) -> dict[str, int]:
-        """Run every repair once; returns how many jobs each one touched."""
+    def sweep(self, force_orphan_scan: bool = False) -> dict[str, int]:
+        """Run the repairs once; returns how many jobs each one touched.
+
+        Leases and retries live in small collections and are checked every time; the
+        orphan scan reads every waiting job, so it runs once per `orphan_grace_s`.
+        """
         try:
-            counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries(),
-                      "orphans": self.requeue_orphans()}
+            counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}
+            if force_orphan_scan or time.monotonic() >= self.next_orphan_scan:
+                counts["orphans"] = self.requeue_orphans()
+                self.next_orphan_scan = time.monotonic() + self.lifecycle.settings.orphan_grace_s
         except DependencyDown as e:
             if self.outage != e.dependency:  # once per outage, not every second
                 log.warning("recovery sweep paused until %s is back: %s", e.dependency, e)

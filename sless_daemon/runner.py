@@ -113,6 +113,11 @@ def encode_result(result, max_result_bytes: int) -> str:
     return encoded
 
 
+# Limits the kernel enforces by failing a call: an exception the code did not handle
+# because a limit was reached is reported as that limit's breach.
+LIMIT_ERRNOS = {24: "open_files_limit", 27: "file_size_limit", 28: "disk_limit", 11: "process_limit"}
+
+
 def exception_failure(error: BaseException) -> str:
     """Print the traceback (user frames only) to the job's stderr and report its summary."""
     import traceback  # only on failure: it costs milliseconds of start-up
@@ -122,7 +127,16 @@ def exception_failure(error: BaseException) -> str:
         frames = frames.tb_next
     traceback.print_exception(type(error), error, frames)
     message = "".join(traceback.format_exception_only(type(error), error)).strip()
-    return failure("exception", message[:2000])
+    return failure(breach_of(error), message[:2000])
+
+
+def breach_of(error: BaseException) -> str:
+    """The error type: a limit's own (open files, file size, disk, processes) or "exception"."""
+    if isinstance(error, OSError) and error.errno in LIMIT_ERRNOS:
+        return LIMIT_ERRNOS[error.errno]
+    if isinstance(error, RuntimeError) and "can't start new thread" in str(error):
+        return "process_limit"
+    return "exception"
 
 
 def failure(kind: str, message: str) -> str:

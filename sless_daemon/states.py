@@ -29,6 +29,9 @@ class ErrorType(str, Enum):
     MEMORY = "memory"  # memory limit reached
     OUTPUT_LIMIT = "output_limit"  # stdout+stderr flooded past the hard limit
     PROCESS_LIMIT = "process_limit"  # too many processes or threads at once
+    OPEN_FILES_LIMIT = "open_files_limit"  # too many open files (EMFILE, not handled by the code)
+    FILE_SIZE_LIMIT = "file_size_limit"  # a file grew past file_mb (EFBIG)
+    DISK_LIMIT = "disk_limit"  # the writable /work is full (ENOSPC)
     INVALID_RESULT = "invalid_result"  # the result is not JSON-serialisable
     RESULT_LIMIT = "result_limit"  # the JSON result is larger than allowed
     CRASHED = "crashed"  # the attempt's process died without reporting
@@ -38,4 +41,5 @@ class ErrorType(str, Enum):
     def retryable(self) -> bool:
         """Deterministic failures of the code itself are not worth another attempt."""
         return self not in (ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT,
-                            ErrorType.OUTPUT_LIMIT, ErrorType.PROCESS_LIMIT)
+                            ErrorType.OUTPUT_LIMIT, ErrorType.PROCESS_LIMIT, ErrorType.OPEN_FILES_LIMIT,
+                            ErrorType.FILE_SIZE_LIMIT, ErrorType.DISK_LIMIT)

@@ -15,7 +15,7 @@ def status_document(job: dict) -> dict:
         "error": job.get("error"),
         "attempts": job.get("attempts", 0),
         "max_attempts": job.get("retries", 0) + 1,
-        "attempt_errors": job.get("attempt_errors", []),
+        "attempt_errors": [{**e, "at": iso(e.get("at"))} for e in job.get("attempt_errors", [])],
         "stdout": job.get("stdout", ""),
         "stderr": job.get("stderr", ""),
         "submitted_at": iso(job.get("submitted_at")),

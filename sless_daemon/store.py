@@ -68,6 +68,7 @@ class OutcomeStore:
         self.jobs = self.db["jobs"]
         self.guards = self.db["guards"]
         self.leases = self.db["leases"]
+        self.retries = self.db["retries"]
 
     @mongo_call
     def ensure_indexes(self) -> None:
@@ -75,8 +76,8 @@ class OutcomeStore:
         self.jobs.create_index([("state", 1), ("submitted_at", -1)])
         self.jobs.create_index([("submitted_at", -1)])
         self.jobs.create_index([("worker", 1)])
-        self.jobs.create_index([("state", 1), ("retry_at", 1)])
         self.leases.create_index([("until", 1)])
+        self.retries.create_index([("at", 1)])
 
     @mongo_call
     def insert(self, job_id: str, spec: JobSpec, now: datetime) -> None:
@@ -186,10 +187,24 @@ class OutcomeStore:
         return True
 
     @mongo_call
+    def schedule_retry(self, job_id: str, attempts: int, timeout_s: float, at: datetime) -> None:
+        """Note a retry to enqueue at `at`, in a small collection the sweep can read cheaply.
+
+        (FerretDB filters most queries in its own process, so a query on `jobs` costs
+        a scan of the jobs; `retries` holds only the retries that are waiting.)
+        """
+        self.retries.replace_one({"_id": guard_key(job_id, attempts, "retry")},
+                                 {"job_id": job_id, "attempts": attempts, "timeout_s": timeout_s, "at": at},
+                                 upsert=True)
+
+    @mongo_call
     def due_retries(self, now: datetime, limit: int = 1000) -> list[dict]:
-        """Waiting jobs whose retry time has come (each may already be on its way)."""
-        query = {"state": JobState.SUBMITTED.value, "retry_at": {"$lte": now}}
-        return list(self.jobs.find(query, {"_id": 1, "attempts": 1, "timeout_s": 1}).limit(limit))
+        """Retries whose time has come (each may already be on its way)."""
+        return list(self.retries.find({"at": {"$lte": now}}).limit(limit))
+
+    @mongo_call
+    def forget_retry(self, job_id: str, attempts: int) -> None:
+        self.retries.delete_one({"_id": guard_key(job_id, attempts, "retry")})
 
     @mongo_call
     def take_retry(self, job_id: str, attempts: int, owner: str) -> bool:
@@ -216,12 +231,16 @@ class OutcomeStore:
         return list(self.jobs.find({"state": JobState.RUNNING.value, "worker": worker}))
 
     @mongo_call
-    def waiting_since(self, before: datetime, limit: int = 1000) -> list[dict]:
-        """Jobs waiting for a worker since before `before` (queued, or retries that are due)."""
-        query = {"state": JobState.SUBMITTED.value, "submitted_at": {"$lt": before},
-                 "$or": [{"retry_at": None}, {"retry_at": {"$lt": before}}]}
-        return list(self.jobs.find(query, {"_id": 1, "attempts": 1, "timeout_s": 1}).sort("submitted_at", 1)
-                    .limit(limit))
+    def waiting_since(self, before: datetime, limit: int = 2000) -> list[dict]:
+        """Jobs waiting for a worker since before `before` (queued, or retries that are due).
+
+        Only an equality filter goes to the server (the kind FerretDB can hand to
+        SQLite); the time conditions are checked here.
+        """
+        found = self.jobs.find({"state": JobState.SUBMITTED.value},
+                               {"_id": 1, "attempts": 1, "timeout_s": 1, "submitted_at": 1, "retry_at": 1})
+        return [job for job in found.limit(limit)
+                if job["submitted_at"] < before and (job.get("retry_at") is None or job["retry_at"] < before)]
 
     @mongo_call
     def ping(self) -> None:

@@ -39,7 +39,7 @@ def lifecycle():
 
 def test_indexes_for_state_and_time(lifecycle):
     keys = [tuple(k for k, _ in index["key"]) for index in lifecycle.store.jobs.index_information().values()]
-    assert ("state", "submitted_at") in keys and ("submitted_at",) in keys and ("state", "retry_at") in keys
+    assert ("state", "submitted_at") in keys and ("submitted_at",) in keys and ("worker",) in keys
 
 
 def test_accept_records_then_enqueues(lifecycle):
@@ -107,7 +107,9 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
 def test_a_retry_waits_for_its_time(lifecycle):
     job_id = lifecycle.accept(SPEC)
     lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"retry_at": utcnow() + timedelta(hours=1)}})
+    later = utcnow() + timedelta(hours=1)
+    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"retry_at": later}})
+    lifecycle.store.retries.update_many({}, {"$set": {"at": later}})
     assert lifecycle.enqueue_due_retries() == 0
     assert lifecycle.start(job_id) is None  # a message that arrives early does not start it either
 

@@ -116,3 +116,11 @@ def test_json_log_format(make_stack):
     done = [e for e in entries if e.get("job_id") == job_id and e.get("state") == "completed"]
     assert done and done[0]["attempt"] == 1 and done[0]["duration_ms"] > 0 and done[0]["worker"]
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
+def test_workers_refuse_to_start_without_bubblewrap(stack):
+    """No bwrap on PATH: every worker refuses with how to fix it, and `sless worker` exits 11."""
+    done = stack.cli("worker", "--count", "1", env={"PATH": "/nonexistent"}, timeout=60)
+    assert done.returncode == 11, done.stderr[-2000:]
+    assert "bubblewrap (bwrap) is not installed" in done.stderr and "apt-get install bubblewrap" in done.stderr
+    assert "--insecure-no-sandbox" in done.stderr

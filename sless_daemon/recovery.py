@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 from .errors import DependencyDown
 from .lifecycle import Lifecycle, utcnow
 
 log = logging.getLogger("sless.recovery")
+MARKER_KEY = "sless:recovery:marker"
 
 
 class Recovery:
@@ -36,18 +38,23 @@ class Recovery:
         self.store = lifecycle.store
         self.outage: str | None = None
         self.next_orphan_scan = 0.0
+        self.marker_seen: bytes | None = None
 
-    def sweep(self, force_orphan_scan: bool = False) -> dict[str, int]:
+    def sweep(self) -> dict[str, int]:
         """Run the repairs once; returns how many jobs each one touched.
 
-        Leases and retries live in small collections and are checked every time; the
-        orphan scan reads every waiting job, so it runs once per `orphan_grace_s`.
+        Leases and retries live in small collections and are checked every time. The
+        orphan scan reads every waiting job, so it runs at start, as soon as Redis
+        shows it lost its data (`redis_forgot`), every `orphan_grace_s` while it keeps
+        finding orphans, and otherwise once per `orphan_scan_interval_s`.
         """
         try:
             counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}
-            if force_orphan_scan or time.monotonic() >= self.next_orphan_scan:
+            if self.redis_forgot() or time.monotonic() >= self.next_orphan_scan:
                 counts["orphans"] = self.requeue_orphans()
-                self.next_orphan_scan = time.monotonic() + self.lifecycle.settings.orphan_grace_s
+                settings = self.lifecycle.settings
+                pause = settings.orphan_grace_s if counts["orphans"] else settings.orphan_scan_interval_s
+                self.next_orphan_scan = time.monotonic() + pause
         except DependencyDown as e:
             if self.outage != e.dependency:  # once per outage, not every second
                 log.warning("recovery sweep paused until %s is back: %s", e.dependency, e)
@@ -57,6 +64,21 @@ class Recovery:
             log.info("recovery sweep running again (%s is back)", self.outage)
             self.outage = None
         return counts
+
+    def redis_forgot(self) -> bool:
+        """Whether Redis lost its data since the last look (a restart without persistence).
+
+        A marker key is kept in Redis; when it is gone, or another sweeper replaced it
+        after finding it gone, Redis forgot what it held, messages included.
+        """
+        connection = self.lifecycle.queue.connection
+        marker = connection.get(MARKER_KEY)
+        if marker is None:
+            connection.set(MARKER_KEY, uuid.uuid4().hex, nx=True)
+            marker = connection.get(MARKER_KEY)
+        forgot = marker != self.marker_seen
+        self.marker_seen = marker
+        return forgot
 
     def recover_lost_attempts(self) -> int:
         """Settle attempts whose lease expired as lost."""

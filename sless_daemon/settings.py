@@ -65,6 +65,7 @@ class Settings:
     lease_s: float = _setting(10.0, 1, 3600, doc="a running attempt's lease; its worker renews it every fifth of it")
     sweep_interval_s: float = _setting(1.0, 0.1, 3600, doc="how often pools and daemons look for lost attempts and due retries")
     orphan_grace_s: float = _setting(5.0, 0.5, 3600, doc="how long a waiting job may be missing from Redis before it is enqueued again")
+    orphan_scan_interval_s: float = _setting(60.0, 1, 86400, doc="how often waiting jobs are checked against Redis when Redis kept its data")
     shutdown_grace_s: float = _setting(30.0, 0, 3600, doc="how long stopping workers may finish running jobs")
     health_timeout_s: float = _setting(0.8, 0.05, 10, doc="deadline of one dependency check")
     log_format: str = _setting("text", doc="`text` (one readable line) or `json` (one object per line)")

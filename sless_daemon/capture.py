@@ -91,6 +91,9 @@ class Capture:
                         pending = self._feed(selector, child.stdin, pending)
                     else:
                         self._drain(selector, key.fd, sinks[key.fd])
+                        if key.fd == self.report_fd and self.report_fd not in selector.get_map():
+                            exited = True  # the report is complete: what is left gets a moment, then dies
+                            deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
                 if self.output_bytes > self.flood_bytes:
                     return "output_limit"
             return "exited"

@@ -30,6 +30,7 @@ def main() -> None:
     sys.stderr.flush()
     out.write(report)
     out.close()
+    os._exit(0)  # the function is done: threads or handlers it left behind do not hold the attempt open
 
 
 def run(code: str, value, entry, context, max_result_bytes: int) -> str:

@@ -152,3 +152,10 @@ def test_memory_of_the_whole_process_tree_is_limited(sandboxed):
     outcome = run(sandboxed, code, timeout_s=5, memory_mb=256)
     assert outcome.error or -9 in outcome.result, outcome  # the kernel killed a child at the job's limit
     assert run(sandboxed, code.replace("100 << 20", "20 << 20"), timeout_s=5, memory_mb=256).result == [0, 0, 0, 0]
+
+
+def test_threads_left_running_do_not_hold_the_attempt_open(executor):
+    code = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\nreturn 'returned'"
+    outcome = run(executor, code, timeout_s=5)
+    assert outcome.result == "returned"
+    assert outcome.duration_ms < 3000  # ended when the function returned, not at the 5 s limit

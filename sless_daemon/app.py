@@ -19,7 +19,7 @@ from .errors import BadRequest, DependencyDown
 from .health import HealthChecker
 from .lifecycle import Lifecycle
 from .settings import Settings
-from .spec import EXECUTE_FIELDS, JobSpec, number_field, parse_body, parse_job
+from .spec import EXECUTE_FIELDS, number_field, parse_body, parse_job
 from .states import JobState
 from .status import status_document
 

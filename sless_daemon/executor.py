@@ -169,9 +169,9 @@ class Executor:
 
     def _dispose(self, launched: Launched) -> None:
         """Remove what an ended attempt leaves: its cgroup, temporary files, orphans."""
+        launched.cleanup()
         if launched.cgroup:
             launched.cgroup.remove()
-        launched.cleanup()
         if self.reap_orphans:
             reap_orphans()
 
@@ -189,15 +189,42 @@ class Executor:
             return _start_unsandboxed(spec, self.settings, report_fd, runner_args)
         runner_fd = _data_fd(self.runner_source)
         seccomp_fd = bpf_fd(self.sandbox.seccomp_bpf)
-        command = sandbox_command(self.sandbox, runner_fd, seccomp_fd, spec.limits.tmpfs_mb << 20, runner_args)
+        info_r, info_w = os.pipe()
+        command = sandbox_command(self.sandbox, runner_fd, seccomp_fd, spec.limits.tmpfs_mb << 20, runner_args,
+                                  info_w)
         limits = attempt_rlimits(spec.limits, own_uid=self.sandbox.host_uid is not None)
         try:
-            child = _spawn(command, (report_fd, runner_fd, seccomp_fd), "/", SANDBOX_ENV, limits,
+            child = _spawn(command, (report_fd, runner_fd, seccomp_fd, info_w), "/", SANDBOX_ENV, limits,
                            cgroup, self.sandbox.host_uid)
+        except BaseException:
+            os.close(info_r)
+            raise
         finally:
             os.close(runner_fd)
             os.close(seccomp_fd)
-        return child, _nothing
+            os.close(info_w)
+        return child, lambda: self._collect_init(info_r)
+
+    def _collect_init(self, info_fd: int) -> None:
+        """Collect the sandbox's init, orphaned to us when the outer bubblewrap died first."""
+        try:
+            os.set_blocking(info_fd, False)
+            info = json.loads(os.read(info_fd, 4096) or b"{}")
+        except (OSError, ValueError):
+            info = {}
+        finally:
+            os.close(info_fd)
+        pid = info.get("child-pid")
+        if not (self.reap_orphans and isinstance(pid, int)):
+            return
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return  # not ours (yet): someone else collects it
+            time.sleep(0.001)
 
 
 def _nothing() -> None:

@@ -46,13 +46,13 @@ class Sandbox:
 
 
 def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_bytes: int,
-                    runner_args: list[str]) -> list[str]:
+                    runner_args: list[str], info_fd: int | None = None) -> list[str]:
     """The bubblewrap command line of one attempt (pure: tested without starting anything).
 
     bubblewrap's own init is PID 1 of the namespace (so user code keeps ordinary
     signal semantics, which PID 1 lacks); when it exits, the kernel kills everything
     else in the namespace. The outer bubblewrap does not wait for that init, so the
-    worker is a child subreaper and reaps it (executor.reap_orphans).
+    worker is a child subreaper and collects it; `--info-fd` tells it the init's pid.
     """
     command = [
         sandbox.bwrap, "--unshare-all", "--unshare-user", "--unshare-cgroup",
@@ -70,7 +70,7 @@ def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_byt
         "--size", str(tmpfs_bytes), "--tmpfs", WORKDIR_INSIDE, "--symlink", WORKDIR_INSIDE, "/tmp",
         "--perms", "0444", "--ro-bind-data", str(runner_fd), RUNNER_INSIDE,
         "--remount-ro", "/", "--chdir", WORKDIR_INSIDE,
-        "--seccomp", str(seccomp_fd),
+        "--seccomp", str(seccomp_fd), *(["--info-fd", str(info_fd)] if info_fd is not None else []),
         "--", sandbox.python, "-I", "-S", "-B", RUNNER_INSIDE, *runner_args,
     ]
     return command

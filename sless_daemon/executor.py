@@ -227,10 +227,6 @@ class Executor:
             time.sleep(0.001)
 
 
-def _nothing() -> None:
-    pass
-
-
 @dataclass
 class Launched:
     """A started attempt process (maybe a spare still waiting for its request)."""

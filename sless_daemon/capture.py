@@ -51,30 +51,27 @@ class CappedBuffer:
 class Capture:
     """Feeds the child its request and drains its stdout, stderr and report pipes."""
 
-    def __init__(self, limits: Limits, flood_bytes: int, report_fd: int):
+    def __init__(self, limits: Limits, flood_bytes: int):
         self.stdout = CappedBuffer(limits.output_bytes)
         self.stderr = CappedBuffer(limits.output_bytes)
         self.report_buffer = CappedBuffer(limits.result_bytes + REPORT_SLACK_BYTES)
-        self.report_fd = report_fd
         self.flood_bytes = flood_bytes
 
-    def pump(self, child, request: bytes, deadline: float) -> str:
+    def pump(self, pipes, exit_fd: int, request: bytes, deadline: float) -> str:
         """Move bytes until every pipe closes, the deadline passes or output floods.
 
-        Returns why it stopped: "exited", "timeout" or "output_limit".
+        `pipes` are the worker's ends (jobhost.AttemptPipes); `exit_fd` becomes readable
+        when the attempt's process tree has ended. Returns why it stopped: "exited",
+        "timeout" or "output_limit". The pipes are closed on return.
         """
         selector = selectors.DefaultSelector()
-        exit_fd = None
         try:
-            sinks = {child.stdout.fileno(): self.stdout, child.stderr.fileno(): self.stderr,
-                     self.report_fd: self.report_buffer}
+            sinks = {pipes.stdout: self.stdout, pipes.stderr: self.stderr, pipes.report: self.report_buffer}
             for fd in sinks:
                 os.set_blocking(fd, False)
                 selector.register(fd, selectors.EVENT_READ)
-            stdin_fd = child.stdin.fileno()
-            os.set_blocking(stdin_fd, False)
-            selector.register(stdin_fd, selectors.EVENT_WRITE)
-            exit_fd = os.pidfd_open(child.pid)
+            os.set_blocking(pipes.stdin, False)
+            selector.register(pipes.stdin, selectors.EVENT_WRITE)
             selector.register(exit_fd, selectors.EVENT_READ)
             pending = memoryview(request)
             exited = False
@@ -87,11 +84,11 @@ class Capture:
                         selector.unregister(exit_fd)
                         exited = True
                         deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
-                    elif key.fd == stdin_fd:
-                        pending = self._feed(selector, child.stdin, pending)
+                    elif key.fd == pipes.stdin:
+                        pending = self._feed(selector, pipes, pending)
                     else:
                         self._drain(selector, key.fd, sinks[key.fd])
-                        if key.fd == self.report_fd and self.report_fd not in selector.get_map():
+                        if key.fd == pipes.report and pipes.report not in selector.get_map():
                             exited = True  # the report is complete: what is left gets a moment, then dies
                             deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
                 if self.output_bytes > self.flood_bytes:
@@ -99,11 +96,7 @@ class Capture:
             return "exited"
         finally:
             selector.close()
-            if exit_fd is not None:
-                os.close(exit_fd)
-            for stream in (child.stdin, child.stdout, child.stderr):
-                stream.close()
-            os.close(self.report_fd)
+            pipes.close()
 
     @property
     def output_bytes(self) -> int:
@@ -116,16 +109,15 @@ class Capture:
         return data.decode("utf-8", errors="replace") if data else None
 
     @staticmethod
-    def _feed(selector, stdin, pending: memoryview) -> memoryview:
-        fd = stdin.fileno()
+    def _feed(selector, pipes, pending: memoryview) -> memoryview:
         try:
-            written = os.write(fd, pending[:READ_CHUNK_BYTES])
+            written = os.write(pipes.stdin, pending[:READ_CHUNK_BYTES])
         except BrokenPipeError:
             written = len(pending)
         pending = pending[written:]
         if not pending:
-            selector.unregister(fd)
-            stdin.close()
+            selector.unregister(pipes.stdin)
+            pipes.close_stdin()  # the end of the request
         return pending
 
     @staticmethod

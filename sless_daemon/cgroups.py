@@ -1,8 +1,10 @@
-"""Per-job control groups: memory and process limits that hold for a job's whole process tree.
+"""Control groups: memory and process limits that hold for a job's whole process tree.
 
-rlimits are per process (RLIMIT_AS) or per user across the machine (RLIMIT_NPROC), so
-a job that forks could add up past its memory limit or starve a neighbour of process
-slots. A cgroup per attempt caps the job as a whole. Both cgroup v2 (unified, with
+rlimits are per process (RLIMIT_AS) or per user (RLIMIT_NPROC), so a job that forks
+could add up past its memory limit. Each worker's sandbox lives in a cgroup of its
+own; it runs one attempt at a time, and before each attempt its limits are set to
+what is in use (the idle fork server) plus the attempt's own, so the cap holds for
+the attempt as a whole. Breaches are read as counter changes across the attempt. Both cgroup v2 (unified, with
 the memory and pids controllers) and v1 (separate memory and pids hierarchies) are
 supported; where neither is writable (an unprivileged container), `detect` returns
 None and the sandbox relies on rlimits and a user id per worker slot.
@@ -20,7 +22,7 @@ GROUP = "sless"
 
 
 class JobCgroup:
-    """The cgroup(s) of one attempt: limits set at creation, removed after the attempt."""
+    """The cgroup(s) of one worker's sandbox: limits set per attempt, removed with the sandbox."""
 
     def __init__(self, dirs: list[Path], version: int):
         self.dirs = dirs
@@ -31,23 +33,34 @@ class JobCgroup:
         for d in self.dirs:
             (d / "cgroup.procs").write_text("0")
 
-    def memory_exhausted(self) -> bool:
-        """Whether the kernel had to kill or refuse memory inside this cgroup."""
+    def limit_next_attempt(self, memory_bytes: int, max_processes: int) -> None:
+        """Allow what is in use now (the idle server) plus the attempt's own memory and processes."""
+        memory_in_use = self._read_number("memory.current" if self.version == 2 else "memory.usage_in_bytes")
+        processes_in_use = self._read_number("pids.current")
+        for d in self.dirs:
+            for file, value in limit_files(self.version, memory_in_use + memory_bytes, processes_in_use + max_processes):
+                _write_if_present(d / file, value)
+
+    def breach_counters(self) -> dict[str, int]:
+        """Counters that grow when the kernel kills or refuses memory or processes here."""
+        counters = {"memory": 0, "processes": 0}
         for d in self.dirs:
             events = d / ("memory.events" if self.version == 2 else "memory.oom_control")
-            if events.exists() and _counter(events.read_text(), "oom_kill") > 0:
-                return True
+            if events.exists():
+                counters["memory"] += _counter(events.read_text(), "oom_kill")
             failcnt = d / "memory.failcnt"
-            if failcnt.exists() and int(failcnt.read_text() or 0) > 0:
-                return True
-        return False
+            if failcnt.exists():
+                counters["memory"] += int(failcnt.read_text() or 0)
+            pids_events = d / "pids.events"
+            if pids_events.exists():
+                counters["processes"] += _counter(pids_events.read_text(), "max")
+        return counters
 
-    def pids_exhausted(self) -> bool:
+    def _read_number(self, file: str) -> int:
         for d in self.dirs:
-            events = d / "pids.events"
-            if events.exists() and _counter(events.read_text(), "max") > 0:
-                return True
-        return False
+            if (d / file).exists():
+                return int((d / file).read_text() or 0)
+        return 0
 
     def remove(self) -> None:
         """Kill anything still inside, then delete the cgroup."""
@@ -78,7 +91,7 @@ class Cgroups:
         for d in dirs:
             d.mkdir(exist_ok=True)
         for d in dirs:
-            for file, value in self._limits(memory_bytes, max_processes):
+            for file, value in limit_files(self.version, memory_bytes, max_processes):
                 _write_if_present(d / file, value)
         return JobCgroup(dirs, self.version)
 
@@ -98,11 +111,16 @@ class Cgroups:
                     removed += 1
         return removed
 
-    def _limits(self, memory_bytes: int, max_processes: int) -> list[tuple[str, int | str]]:
-        if self.version == 2:
-            return [("memory.max", memory_bytes), ("memory.swap.max", 0), ("pids.max", max_processes)]
-        return [("memory.limit_in_bytes", memory_bytes), ("memory.memsw.limit_in_bytes", memory_bytes),
-                ("pids.max", max_processes)]
+
+
+def limit_files(version: int, memory_bytes: int, max_processes: int) -> list[tuple[str, int]]:
+    """What to write to set the limits. In v1 memory+swap may not be below memory, so it is
+    written on both sides of memory (one of the two writes fails, harmlessly, whichever way
+    the limit moves)."""
+    if version == 2:
+        return [("memory.max", memory_bytes), ("memory.swap.max", 0), ("pids.max", max_processes)]
+    return [("memory.memsw.limit_in_bytes", memory_bytes), ("memory.limit_in_bytes", memory_bytes),
+            ("memory.memsw.limit_in_bytes", memory_bytes), ("pids.max", max_processes)]
 
 
 def detect() -> Cgroups | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .states import ErrorType
@@ -17,6 +17,7 @@ class AttemptOutcome:
     stdout: str = ""
     stderr: str = ""
     duration_ms: float = 0.0
+    timings: dict = field(default_factory=dict)  # epoch seconds of the attempt's stages (executor.run)
 
     @property
     def ok(self) -> bool:

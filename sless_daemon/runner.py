@@ -1,31 +1,117 @@
-"""Runs one job's code inside the sandbox and reports its outcome as JSON.
+"""Runs jobs' code inside the sandbox: a fork server whose every attempt gets a fresh sandbox.
 
-This file is executed as a script by a fresh interpreter (`python -I -S runner.py FD`)
-and must import nothing but the standard library: the project is not on its path.
+Started once per worker sandbox (`python -I -S -B runner.py CONTROL_FD [--plain]`) and
+executed as a script, it must import nothing but the standard library: the project is
+not on its path. It never runs user code and never sees a request; it only forks.
 
-Protocol: a JSON request {"code", "input", "entry", "context"} arrives on stdin; exactly one
-JSON report goes to descriptor FD, either {"ok": true, "result": ...} or
-{"ok": false, "error": {"type", "message"}}. The user's prints go to the real
-stdout and stderr, which the executor captures. JSON only, never pickle.
+Per attempt (SOCK-style, USENIX ATC 2018): the server forks; the child enters new PID,
+network, IPC, UTS and mount namespaces; the next child is PID 1 there and mounts a
+fresh /proc, /work (size-capped tmpfs) and /dev/shm; the one after it enters a new user
+namespace where it is uid 65534 and owns none of those namespaces, drops every
+capability, takes the job's rlimits and seccomp filter, and only then reads the job's
+request from stdin. So no state crosses attempts, and the interpreter's start-up is
+paid once per worker instead of once per job. `--plain` (insecure workers) skips the
+namespaces and the filter: it only forks, changes directory and sets rlimits.
+
+Control protocol (CONTROL_FD is a SOCK_SEQPACKET socket to the worker, JSON messages):
+- server -> worker `{"ready": true}` once it can take attempts;
+- worker -> server one order per attempt, `{"rlimits": [[resource, soft, hard]...],
+  "tmpfs_bytes", "result_bytes", "workdir"}`, carrying four descriptors: the request
+  to read (stdin), stdout, stderr and the report pipe;
+- server -> worker `{"status": N}` when the attempt's whole process tree has ended
+  (exit code, or -signal, or 128 + signal for a signal inside the namespaces).
+
+The attempt reads `{"code", "input", "entry", "context"}` on stdin and writes exactly
+one JSON report to descriptor 3: `{"ok": true, "result": ...}` or `{"ok": false,
+"error": {"type", "message"}}`. JSON only, never pickle.
 """
 
 import _ast  # the C module behind `ast`: same nodes, none of ast.py's import cost
+import ctypes
+import fcntl
+import gc
 import json
 import os
+import resource
+import socket
 import sys
+import time
 
 DEFAULT_ENTRY = "main"
 BODY_FUNCTION = "__sless_function__"
+REPORT_FD = 3
+SETUP_FAILED = 125  # the attempt's sandbox could not be set up: the worker reports a crash
+SECCOMP_PATH = "/sless/seccomp.bpf"
+INSIDE_UID = 65534  # "nobody": what the job's code runs as
+WORKDIR = "/work"
+SHM_OPTIONS = b"size=4194304,mode=1777"
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
+PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, LINUX_CAPABILITY_VERSION_3 = 4, 2, 0x20080522
+CAP_LAST_POSSIBLE = 63
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def main() -> None:
-    report_fd = int(sys.argv[1])
-    max_result_bytes = int(sys.argv[2])
+    control = socket.socket(fileno=int(sys.argv[1]))
+    plain = "--plain" in sys.argv[2:]
+    seccomp_bpf = b"" if plain else _read(SECCOMP_PATH)
+    gc.freeze()  # what is here now is shared by every fork, not copied page by page
+    control.send(b'{"ready": true}')
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 4)
+        except OSError:
+            os._exit(0)
+        if not message:
+            os._exit(0)  # the worker is gone
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            attempt(json.loads(message), fds, plain, seccomp_bpf)
+        for fd in fds:
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        control.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def attempt(order: dict, fds: list, plain: bool, seccomp_bpf: bytes) -> None:
+    """In the forked child: build the attempt's sandbox, run the job, never return."""
+    try:
+        _take_descriptors(fds)  # first: a setup failure below is reported on the attempt's stderr
+        if not plain:
+            _write("/proc/self/oom_score_adj", "1000")  # if memory runs out, the job goes first
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+            _fork_and_wait(reap_all=False)  # the child is PID 1 of the new namespace
+            _mount_fresh_filesystems(order["tmpfs_bytes"])
+            _fork_and_wait(reap_all=True)  # PID 1 stays as init: user code keeps normal signals
+            _become_nobody()
+        os.chdir(order.get("workdir") or WORKDIR)
+        for which, soft, hard in order["rlimits"]:
+            resource.setrlimit(which, (soft, hard))
+        if not plain:
+            _drop_capabilities()
+            _load_seccomp(seccomp_bpf)
+    except BaseException as e:  # noqa: BLE001 - anything here is a sandbox fault, reported as such
+        os.write(2, f"sless: the attempt's sandbox could not be set up: {e}\n".encode())
+        os._exit(SETUP_FAILED)
+    run_request(order["result_bytes"])
+
+
+def run_request(max_result_bytes: int) -> None:
+    """Read the request, run the code, write the report, and end the attempt's process."""
     # Opened before user code runs, so code that breaks builtins or imports cannot stop the report.
-    out = os.fdopen(report_fd, "w", encoding="utf-8")
+    out = os.fdopen(REPORT_FD, "w", encoding="utf-8")
     request = json.loads(sys.stdin.buffer.read())
     _detach_stdin()
+    gc.unfreeze()
+    started = time.time()
     report = run(request["code"], request["input"], request.get("entry"), request.get("context"), max_result_bytes)
+    report = report[:-1] + f', "times": [{started!r}, {time.time()!r}]}}'  # when the code ran, for the stages
     sys.stdout.flush()
     sys.stderr.flush()
     out.write(report)
@@ -149,6 +235,100 @@ def _detach_stdin() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+
+
+# --- building an attempt's sandbox (in the forked children) ---------------------------------
+
+def _fork_and_wait(reap_all: bool) -> None:
+    """Fork; the parent waits for that child and exits with its status, the child returns.
+
+    With `reap_all` the parent is the namespace's init: it also collects orphans, and its
+    exit ends every process left in the namespace.
+    """
+    pid = os.fork()
+    if pid == 0:
+        return
+    os.closerange(0, REPORT_FD + 1)  # only the job holds its pipes: their ends mean the job's end
+    while True:
+        try:
+            done, status = os.waitpid(-1 if reap_all else pid, 0)
+        except ChildProcessError:
+            os._exit(SETUP_FAILED)
+        if done == pid:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+
+
+def _mount_fresh_filesystems(tmpfs_bytes: int) -> None:
+    """This attempt's own /proc (its PID namespace only), /work and /dev/shm."""
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
+    size = f"size={tmpfs_bytes},mode=0755,uid=0,gid=0".encode()
+    _check(_libc.mount(b"tmpfs", WORKDIR.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /work")
+    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SHM_OPTIONS),
+           "mount /dev/shm")
+
+
+def _become_nobody() -> None:
+    """Enter a new user namespace as uid/gid 65534, mapped to the sandbox's root.
+
+    That namespace owns none of the attempt's other namespaces, so even its
+    capabilities (dropped next) could not mount or configure anything.
+    """
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare user namespace")
+    _write("/proc/self/uid_map", f"{INSIDE_UID} 0 1\n")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/gid_map", f"{INSIDE_UID} 0 1\n")
+    os.setresgid(INSIDE_UID, INSIDE_UID, INSIDE_UID)
+    os.setresuid(INSIDE_UID, INSIDE_UID, INSIDE_UID)
+
+
+def _take_descriptors(fds: list) -> None:
+    """Make the order's descriptors 0, 1, 2 and 3 and close every other one."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in fds]  # above 0-3 first: no dup2 below hits another
+    for target, fd in enumerate(high):
+        os.dup2(fd, target)
+    os.closerange(REPORT_FD + 1, 1 << 16)
+
+
+def _drop_capabilities() -> None:
+    for cap in range(CAP_LAST_POSSIBLE + 1):
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last cap: fine
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(_libc.capset(header, data), "capset")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _load_seccomp(bpf: bytes) -> None:
+    """Install the job's filter (stacked on the server's own, which bubblewrap loaded)."""
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(len(bpf) // 8, ctypes.addressof(program))
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
-"""The bubblewrap sandbox an attempt runs in: what it sees, what it may do, who it runs as.
+"""The bubblewrap sandbox of one worker, and who and what its attempts run as.
 
-Each attempt gets fresh user, PID, network, IPC, UTS, cgroup and mount namespaces;
-a read-only /usr (the Python runtime and its libraries) and nothing else of the
-host's files; a size-capped tmpfs as its working directory; its own /proc; uid
-65534 with no capabilities; a seccomp filter (seccomp_policy.py); an empty
-environment. Code goes in and results come out over descriptors opened before the
-sandbox starts; the worker never touches a path inside it.
+A worker starts one bubblewrap sandbox and keeps it: inside runs the fork server
+(runner.py), with a read-only /usr (the Python runtime and its libraries) and
+nothing else of the host's files, an empty environment, its own user, PID, network,
+IPC, UTS, cgroup and mount namespaces, and a seccomp filter that still refuses
+everything but making namespaces and mounts. The server is root of its user
+namespace, which is owned by the slot's unprivileged host uid. Every attempt is a
+fork of it that enters fresh namespaces of its own, mounts a fresh /proc, /work and
+/dev/shm, becomes uid 65534 without capabilities in a new user namespace, and stacks
+the full seccomp filter (seccomp_policy.py) before any user code runs. The worker
+talks to it over descriptors opened before the sandbox starts and never touches a
+path inside it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cgroups import Cgroups, detect
 from .errors import SandboxUnavailable
-from .seccomp_policy import bpf_fd, build_filter_bpf
+from .seccomp_policy import SERVER_ALLOWED, build_filter_bpf
 
-INSIDE_UID = 65534  # "nobody" inside the user namespace
 RUNNER_INSIDE = "/sless/runner.py"
+SECCOMP_INSIDE = "/sless/seccomp.bpf"  # the attempts' filter, read by the server at start
 WORKDIR_INSIDE = "/work"
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": WORKDIR_INSIDE,
                "TMPDIR": WORKDIR_INSIDE}
@@ -35,29 +39,29 @@ FIX_HINT = ("Install bubblewrap (apt-get install bubblewrap) and allow unprivile
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Everything fixed about this worker's sandboxes; per-attempt parts are arguments."""
+    """Everything fixed about this worker's sandbox."""
 
     bwrap: str
     python: str
     extra_ro_binds: tuple[str, ...]
-    seccomp_bpf: bytes
+    server_bpf: bytes  # the fork server's filter: the attempts' minus namespaces and mounts
+    attempt_bpf: bytes  # every attempt's filter, stacked on the server's
     host_uid: int | None  # run bubblewrap as this host uid (a worker running as root), else as ourselves
     cgroups: Cgroups | None
 
 
-def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_bytes: int,
-                    runner_args: list[str], info_fd: int | None = None) -> list[str]:
-    """The bubblewrap command line of one attempt (pure: tested without starting anything).
+def sandbox_command(sandbox: Sandbox, runner_fd: int, server_seccomp_fd: int, attempt_seccomp_fd: int,
+                    control_fd: int, info_fd: int | None = None) -> list[str]:
+    """The bubblewrap command line of a worker's sandbox (pure: tested without starting anything).
 
-    bubblewrap's own init is PID 1 of the namespace (so user code keeps ordinary
-    signal semantics, which PID 1 lacks); when it exits, the kernel kills everything
-    else in the namespace. The outer bubblewrap does not wait for that init, so the
+    bubblewrap's own init is PID 1 of the namespace; when it exits, the kernel kills
+    everything else in it. The outer bubblewrap does not wait for that init, so the
     worker is a child subreaper and collects it; `--info-fd` tells it the init's pid.
     """
     command = [
         sandbox.bwrap, "--unshare-all", "--unshare-user", "--unshare-cgroup",
-        "--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID), "--hostname", "sless",
-        "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
+        "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--hostname", "sless",
+        "--die-with-parent", "--new-session", "--clearenv",
     ]
     for key, value in SANDBOX_ENV.items():
         command += ["--setenv", key, value]
@@ -67,11 +71,12 @@ def sandbox_command(sandbox: Sandbox, runner_fd: int, seccomp_fd: int, tmpfs_byt
         command += ["--ro-bind", path, path]
     command += [
         "--proc", "/proc", "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-        "--size", str(tmpfs_bytes), "--tmpfs", WORKDIR_INSIDE, "--symlink", WORKDIR_INSIDE, "/tmp",
+        "--dir", WORKDIR_INSIDE, "--symlink", WORKDIR_INSIDE, "/tmp",
         "--perms", "0444", "--ro-bind-data", str(runner_fd), RUNNER_INSIDE,
-        "--remount-ro", "/", "--chdir", WORKDIR_INSIDE,
-        "--seccomp", str(seccomp_fd), *(["--info-fd", str(info_fd)] if info_fd is not None else []),
-        "--", sandbox.python, "-I", "-S", "-B", RUNNER_INSIDE, *runner_args,
+        "--perms", "0444", "--ro-bind-data", str(attempt_seccomp_fd), SECCOMP_INSIDE,
+        "--remount-ro", "/", "--chdir", "/",
+        "--seccomp", str(server_seccomp_fd), *(["--info-fd", str(info_fd)] if info_fd is not None else []),
+        "--", sandbox.python, "-I", "-S", "-B", RUNNER_INSIDE, str(control_fd),
     ]
     return command
 
@@ -99,38 +104,16 @@ def slot_uid(uid_base: int, slot: int) -> int | None:
 
 
 def build_sandbox(python: str, uid_base: int, slot: int) -> Sandbox:
-    """Assemble this worker's sandbox and prove it starts; SandboxUnavailable says how to fix it."""
+    """Assemble this worker's sandbox (jobhost.probe proves it starts); SandboxUnavailable says how to fix it."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed. {FIX_HINT}")
     interpreter, extra = find_python(python)
     try:
-        bpf = build_filter_bpf()
+        server_bpf, attempt_bpf = build_filter_bpf(SERVER_ALLOWED), build_filter_bpf()
     except (ImportError, OSError, RuntimeError) as e:
         raise SandboxUnavailable(f"cannot build the seccomp filter ({e}); install libseccomp2 and pyseccomp.") from e
-    sandbox = Sandbox(bwrap, interpreter, extra, bpf, slot_uid(uid_base, slot), detect())
-    probe(sandbox)
-    return sandbox
-
-
-def probe(sandbox: Sandbox) -> None:
-    """Start one sandbox that only prints; raise SandboxUnavailable if it cannot."""
-    runner_r, runner_w = os.pipe()
-    os.write(runner_w, b"print('sandbox-ok')\n")
-    os.close(runner_w)
-    seccomp_fd = bpf_fd(sandbox.seccomp_bpf)
-    command = sandbox_command(sandbox, runner_r, seccomp_fd, 1 << 20, [])
-    try:
-        done = subprocess.run(command, pass_fds=(runner_r, seccomp_fd), capture_output=True, timeout=10,
-                              preexec_fn=lambda: drop_privileges(sandbox.host_uid))
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SandboxUnavailable(f"bubblewrap did not start: {e}. {FIX_HINT}") from e
-    finally:
-        os.close(runner_r)
-        os.close(seccomp_fd)
-    if done.stdout.strip() != b"sandbox-ok":
-        reason = done.stderr.decode(errors="replace").strip()[-300:] or f"exit code {done.returncode}"
-        raise SandboxUnavailable(f"bubblewrap cannot create the sandbox here: {reason}. {FIX_HINT}")
+    return Sandbox(bwrap, interpreter, extra, server_bpf, attempt_bpf, slot_uid(uid_base, slot), detect())
 
 
 def drop_privileges(uid: int | None) -> None:

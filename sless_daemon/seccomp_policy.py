@@ -90,13 +90,19 @@ CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10
 # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
 
 
-def build_filter_bpf() -> bytes:
-    """Compile the policy to BPF bytes for bubblewrap's `--seccomp`."""
+# What the fork server needs beyond a job: making each attempt's namespaces and mounts.
+# Its own filter (loaded by bubblewrap) lets these through; the attempt then stacks the
+# full filter on top before any user code runs, and filters can only ever narrow.
+SERVER_ALLOWED = frozenset({"unshare", "mount"})
+
+
+def build_filter_bpf(allowed: frozenset[str] = frozenset()) -> bytes:
+    """Compile the policy, minus `allowed` (the server's), to classic BPF bytes."""
     import pyseccomp as seccomp
 
     policy = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     policy.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)  # 32-bit and x32 ABIs
-    for name in DENIED_SYSCALLS:
+    for name in DENIED_SYSCALLS.keys() - allowed:
         try:
             policy.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (RuntimeError, ValueError, OSError):

@@ -80,7 +80,7 @@ class AttemptRunner:
             outcome = self.execute(spec, context)
             decision = self.record(job, outcome)
         log_outcome(job, outcome, decision, fields)
-        self.executor.prepare_spare()
+        self.executor.prepare()
 
     def execute(self, spec: JobSpec, context: dict) -> AttemptOutcome:
         """Run the attempt; a fault of the executor itself fails the attempt, not the worker."""
@@ -181,7 +181,7 @@ def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) 
     sandbox = prepare_sandbox(settings, slot, insecure)
     connection = connect_redis(settings.redis_url)
     _runner = build_runner(settings, name, connection, sandbox)
-    _runner.executor.prepare_spare()
+    _runner.executor.probe()
     queue = JobQueue(connection, settings.queue_name)
     worker = rq.SimpleWorker([queue.rq_queue], connection=connection, name=name, serializer=JSONSerializer)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})

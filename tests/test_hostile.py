@@ -45,7 +45,7 @@ def confined(hostile_stack) -> dict:
 
 PROBE = textwrap.dedent("""
         import os, resource, socket
-        seen = {"pid": os.getpid(), "uid": os.getuid(), "init": open("/proc/1/cmdline").read().split("\\0")[0],
+        seen = {"pid": os.getpid(), "uid": os.getuid(), "init": open("/proc/1/cmdline").read().replace("\\0", " "),
                 "interfaces": [name for _, name in socket.if_nameindex()],
                 "host_files": [p for p in ("/etc/shadow", "/root", "/home", "/var") if os.path.exists(p)],
                 "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0], "as": resource.getrlimit(resource.RLIMIT_AS)[0]}
@@ -60,7 +60,7 @@ PROBE = textwrap.dedent("""
 
 def require_confinement(seen: dict) -> None:
     problems = []
-    if seen["pid"] > 10 or "bwrap" not in seen["init"]:
+    if seen["pid"] > 10 or "/sless/runner.py" not in seen["init"]:  # the attempt's own init (runner.py)
         problems.append(f"no PID namespace (pid {seen['pid']}, init {seen['init']!r})")
     if seen["uid"] == 0:
         problems.append("runs as root")
@@ -172,11 +172,13 @@ PROGRAMS = [
     ("write_root", attempt("open('/sless-evil', 'w').write('x')"), refused),
     ("read_shadow", attempt("return 'escaped: ' + open('/etc/shadow').read()"), refused),
     ("read_project_files", attempt("return 'escaped: ' + open('PROJECT/README.md').read()"), refused),
-    ("read_worker_environ", "import os\ntext = ''.join(open(f'/proc/{p}/environ').read() for p in os.listdir('/proc') "
-                            "if p.isdigit() and os.access(f'/proc/{p}/environ', os.R_OK))\n"
+    ("read_worker_environ", "import os\ntext = ''\nfor p in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+                            "    try:\n        text += open(f'/proc/{p}/environ').read()\n"
+                            "    except PermissionError:\n        pass\n"
                             "return 'SLESS_' in text or 'REDIS' in text or 'MONGO' in text", completed_with(False)),
-    ("proc_1_root", "import os\nreturn sorted(os.listdir('/proc/1/root'))",
-     completed_with(["bin", "dev", "lib", "lib64", "proc", "sbin", "sless", "tmp", "usr", "work"])),
+    # the namespace's init is the attempt's own (runner.py), in a user namespace above the job's
+    ("proc_1_root", "import os\ntry:\n    return sorted(os.listdir('/proc/1/root'))\nexcept PermissionError:\n"
+                    "    return 'denied'", completed_with("denied")),
     ("symlink_to_secret", attempt("import os\nos.symlink('/etc/shadow', '/work/s')\nreturn 'escaped: ' + open('/work/s').read()"), refused),
     ("hardlink_out", attempt("import os\nos.link('/usr/bin/python3', '/work/py')"), refused),
     ("proc_sys_write", attempt("open('/proc/sys/kernel/hostname', 'w').write('evil')"), refused),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sless_daemon.errors import BadRequest, ConfigError
@@ -74,16 +76,35 @@ def test_status_document_decodes_json_fields():
 def test_sandbox_command_has_every_layer():
     from sless_daemon.sandbox import Sandbox, sandbox_command
 
-    sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/python3.11", (), b"", 60000, None)
-    command = sandbox_command(sandbox, runner_fd=5, seccomp_fd=6, tmpfs_bytes=1 << 20, runner_args=["7", "100"])
+    sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/python3.11", (), b"", b"", 60000, None)
+    command = sandbox_command(sandbox, runner_fd=5, server_seccomp_fd=6, attempt_seccomp_fd=7, control_fd=8)
     text = " ".join(command)
-    for flag in ("--unshare-all", "--unshare-user", "--unshare-cgroup", "--cap-drop ALL", "--die-with-parent",
-                 "--new-session", "--clearenv", "--uid 65534", "--proc /proc", "--dev /dev", "--seccomp 6",
-                 "--size 1048576 --tmpfs /work", "--ro-bind /usr /usr", "--remount-ro /", "--ro-bind-data 5"):
+    for flag in ("--unshare-all", "--unshare-user", "--unshare-cgroup", "--die-with-parent", "--new-session",
+                 "--clearenv", "--proc /proc", "--dev /dev", "--seccomp 6", "--ro-bind-data 7 /sless/seccomp.bpf",
+                 "--ro-bind /usr /usr", "--remount-ro /", "--ro-bind-data 5 /sless/runner.py"):
         assert flag in text, flag
     assert "--share-net" not in text and "--bind / " not in text
-    assert command[command.index("--") + 1:] == ["/usr/bin/python3.11", "-I", "-S", "-B", "/sless/runner.py", "7", "100"]
+    assert command[command.index("--") + 1:] == ["/usr/bin/python3.11", "-I", "-S", "-B", "/sless/runner.py", "8"]
     assert [k for k in command[command.index("--clearenv"):] if k.startswith("SLESS")] == []
+
+
+def test_every_attempt_enters_fresh_namespaces_as_nobody():
+    """The fork server's per-attempt steps (runner.py), beyond what bubblewrap gave the server."""
+    from sless_daemon import runner
+
+    source = Path(runner.__file__).read_text()
+    steps = source[source.index("def attempt("):source.index("def run_request(")]
+    for step in ("CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS", "_mount_fresh_filesystems",
+                 "_become_nobody", "_drop_capabilities", "_load_seccomp", "setrlimit"):
+        assert step in steps, step
+    assert steps.index("_load_seccomp(") < steps.index("run_request("), "user code must start after the filter"
+
+
+def test_the_server_filter_differs_from_the_attempts_only_by_namespaces_and_mounts():
+    from sless_daemon.seccomp_policy import SERVER_ALLOWED, build_filter_bpf
+
+    assert SERVER_ALLOWED == {"unshare", "mount"}
+    assert build_filter_bpf(SERVER_ALLOWED) != build_filter_bpf()
 
 
 def test_seccomp_filter_compiles():

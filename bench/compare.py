@@ -1,0 +1,883 @@
+"""Benchmark: sless next to plain RQ, on the same Redis and machine, in one run.
+
+    python bench/compare.py        # as root, with Redis and FerretDB up (scripts/services start)
+
+For `return input * 2` (double) and a ~10 ms CPU-bound variant (cpu10, bench/tasks.py),
+at W = 1, 2 and 4 workers:
+
+- A: plain RQ with its default forking `Worker`, the function imported directly;
+- B: plain RQ `SimpleWorker` (no fork);
+- sless: HTTP submit -> queue -> sandboxed execution -> MongoDB outcome -> state over HTTP.
+
+Measured: throughput draining --jobs queued jobs (from the jobs' own start and end
+times, so process start-up is left out; the wall time from starting the workers is
+kept too); latency of --latency-runs sequential submit-and-wait calls; `POST /submit`
+from 8 client processes next to `Queue.enqueue` from one; RSS per worker and per warm
+sandbox; a --long-jobs drain cut into 1,000-job slices; the stages of one job; sandbox
+start-up (bench/sandbox_start.py's measures). Markdown on stdout, progress on stderr,
+every raw number (each latency sample too) in --out. A measurement that fails is
+reported in both, and the exit code is then 1.
+
+The queues live in Redis database 12, not the test suite's 9 (which it flushes while
+it runs); every key made here is deleted afterwards, and each sless stack's MongoDB
+database is dropped when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+import requests  # noqa: E402
+import rq  # noqa: E402
+from rq.job import Job, JobStatus  # noqa: E402
+from rq.registry import FailedJobRegistry, FinishedJobRegistry  # noqa: E402
+
+from bench import tasks  # noqa: E402
+from sless_daemon.settings import Settings  # noqa: E402
+from tests.stack import REDIS_PORT, Stack, wait_until  # noqa: E402
+
+log = logging.getLogger("bench.compare")
+
+BENCH_REDIS_DB = 12
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{BENCH_REDIS_DB}"
+CLIENTS = 8  # concurrent /submit client processes
+WARMUP_CALLS = 3  # latency calls made first and not counted, on every system alike
+RQ_POLL_S = 0.02  # registry counts are O(1) in Redis
+SLESS_POLL_S = 0.5  # a count in FerretDB scans the jobs
+LATENCY_POLL_S = 0.0005
+STAGE_POLL_S = 0.001
+STALL_S = 120.0  # no job finished for this long: the measurement fails
+TERMINAL = ("completed", "failed")
+SLESS_MARKER = "sless:recovery:marker"  # a pool's key in Redis; this db is the benchmark's own
+SANDBOX_PYTHON = "/usr/bin/python3"  # sless's default sandbox interpreter (SLESS_SANDBOX_PYTHON empty)
+RQ_DONE = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+SYSTEMS = ("A", "B", "sless")
+SYSTEM_NAMES = {"A": "RQ Worker (fork)", "B": "RQ SimpleWorker", "sless": "sless"}
+STAGES = ("HTTP accept", "parse", "MongoDB insert", "enqueue", "dequeue wait", "claim", "sandbox ready",
+          "hand-off to code", "user code", "outcome write", "visible", "total seen by client")
+
+
+class BenchError(Exception):
+    """Raised when a measurement cannot complete: a stall, dead workers, a refused request."""
+
+
+class Recorder:
+    """Raw results plus the errors met; a failed measurement is recorded, never fatal."""
+
+    def __init__(self):
+        self.data: dict = {"functions": {}, "errors": []}
+
+    def attempt(self, label: str, action):
+        """Run `action()` and return its value, or record why it failed and return None."""
+        log.info("%s ...", label)
+        started = time.monotonic()
+        try:
+            value = action()
+        except Exception as e:  # noqa: BLE001 - one broken measure must not lose the others
+            self.error(label, f"{type(e).__name__}: {e}")
+            return None
+        log.info("%s done in %.1f s", label, time.monotonic() - started)
+        return value
+
+    def error(self, label: str, message: str) -> None:
+        log.error("%s: %s", label, message)
+        self.data["errors"].append({"measure": label, "error": message})
+
+    def check_jobs(self, label: str, drained: dict | None) -> None:
+        """Failed or wrong jobs are errors of the run, not footnotes."""
+        if drained and (drained["failed"] or drained["wrong_results"]):
+            self.error(label, f"{drained['failed']} failed and {drained['wrong_results']} wrong of "
+                              f"{drained['jobs']} jobs; first problems: {drained['problems'][:3]}")
+
+    def slot(self, function: str, workers: int, system: str) -> dict:
+        return self.data["functions"].setdefault(function, {}).setdefault(str(workers), {}).setdefault(system, {})
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted samples."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def latency_summary(samples_ms: list[float]) -> dict:
+    ordered = sorted(samples_ms)
+    return {"runs": len(ordered), "p50_ms": percentile(ordered, 0.50), "p95_ms": percentile(ordered, 0.95),
+            "p99_ms": percentile(ordered, 0.99), "mean_ms": statistics.fmean(ordered), "max_ms": ordered[-1],
+            "samples_ms": [round(s, 3) for s in samples_ms]}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def epoch_s(moment: datetime) -> float:
+    """Seconds since the epoch; naive datetimes are UTC (pymongo's and RQ's)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def drain_summary(jobs: int, starts: list[float], ends: list[float], wall_s: float, problems: list[str],
+                  failed: int) -> dict:
+    """Throughput from the jobs' own first start and last end; wall time from starting the workers."""
+    first = min(starts)
+    span_s = max(ends) - first
+    return {"jobs": jobs, "ended": len(ends), "failed": failed, "wrong_results": len(problems) - failed,
+            "span_s": span_s, "jobs_per_s": len(ends) / span_s if span_s > 0 else None, "wall_s": wall_s,
+            "wall_jobs_per_s": jobs / wall_s, "problems": problems[:20],
+            "finish_offsets_s": [round(e - first, 4) for e in sorted(ends)]}
+
+
+def wait_for_count(count_done, target: int, poll_s: float, alive, what: str) -> None:
+    """Poll until `count_done()` reaches `target`; BenchError on a stall or when the workers are gone."""
+    last, last_change = -1, time.monotonic()
+    while (done := count_done()) < target:
+        now = time.monotonic()
+        if done != last:
+            last, last_change = done, now
+        elif now - last_change > STALL_S:
+            raise BenchError(f"{what}: {done} of {target} jobs done and none for {STALL_S:.0f} s")
+        if not alive() and count_done() < target:
+            raise BenchError(f"{what}: the workers exited with {done} of {target} jobs done")
+        time.sleep(poll_s)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, resident KiB) for every process now."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+                table[int(entry.name)] = (int(fields["PPid"]), int(fields.get("VmRSS", "0 kB").split()[0]))
+    return table
+
+
+def children(table: dict[int, tuple[int, int]], pid: int) -> list[int]:
+    return [p for p, (parent, _) in table.items() if parent == pid]
+
+
+def tree_kib(table: dict[int, tuple[int, int]], pid: int) -> int:
+    """Resident KiB of a process and all its descendants."""
+    return table.get(pid, (0, 0))[1] + sum(tree_kib(table, child) for child in children(table, pid))
+
+
+def mib(kib: int) -> float:
+    return round(kib / 1024, 2)
+
+
+# --- plain RQ (baselines A and B) ---------------------------------------------------------------
+
+
+def bench_redis() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def new_rq_queue(kind: str) -> rq.Queue:
+    return rq.Queue(f"bench-{kind}-{uuid.uuid4().hex[:8]}", connection=bench_redis())
+
+
+def drop_keys(connection: redis.Redis, queue_name: str) -> None:
+    """Delete every key whose name holds the queue's name: the queue, its registries, and the jobs
+    and workers named after it. (Other workers' keys expire by themselves within a minute.)"""
+    keys = list(connection.scan_iter(match=f"*{queue_name}*", count=1000))
+    for start in range(0, len(keys), 1000):
+        connection.delete(*keys[start:start + 1000])
+    connection.srem("rq:queues", f"rq:queue:{queue_name}")
+
+
+def rq_worker_command(kind: str, queue_name: str, name: str, burst: bool) -> list[str]:
+    """The real `rq worker` CLI: forking Worker for A, SimpleWorker for B; bench.tasks importable."""
+    command = [sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--path", str(ROOT), "--name", name,
+               "--logging_level", "WARNING", "--quiet"]
+    if kind == "B":
+        command += ["--worker-class", "rq.worker.SimpleWorker"]
+    return command + (["--burst"] if burst else []) + [queue_name]
+
+
+class RqWorkers:
+    """W `rq worker` processes on one queue, stopped (warm, then killed) on exit."""
+
+    def __init__(self, kind: str, queue: rq.Queue, count: int, burst: bool, log_dir: Path):
+        self.kind = kind
+        self.burst = burst
+        self.queue = queue
+        self.count = count
+        self.log_path = log_dir / f"rq-{queue.name}.log"
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> RqWorkers:
+        with open(self.log_path, "ab") as out:
+            self.processes = [self.spawn(f"{self.queue.name}-w{i}", out) for i in range(self.count)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def spawn(self, name: str, out) -> subprocess.Popen:
+        command = rq_worker_command(self.kind, self.queue.name, name, self.burst)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.processes)
+
+    def wait_registered(self) -> None:
+        wait_until(lambda: rq.Worker.count(queue=self.queue) == self.count, 30, "the RQ workers did not register")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+
+def enqueue_jobs(queue: rq.Queue, function: str, count: int) -> list[str]:
+    """Enqueue `count` jobs in pipelined batches (the queue is being filled, not measured)."""
+    ids = []
+    for start in range(0, count, 500):
+        batch = [rq.Queue.prepare_data(tasks.FUNCTIONS[function], (i,), job_id=f"{queue.name}-{i}")
+                 for i in range(start, min(count, start + 500))]
+        ids += [job.id for job in queue.enqueue_many(batch)]
+    return ids
+
+
+def rq_finished(queue: rq.Queue) -> int:
+    return FinishedJobRegistry(queue=queue).count + FailedJobRegistry(queue=queue).count
+
+
+def rq_outcome(connection: redis.Redis, ids: list[str], wall_s: float) -> dict:
+    """Check every job's status and result, and summarise the drain from RQ's own timestamps."""
+    jobs = Job.fetch_many(ids, connection=connection)
+    starts, ends, problems, failed = [], [], [], 0
+    for value, job in enumerate(jobs):
+        status = job.get_status(refresh=False) if job else "missing"
+        if status != JobStatus.FINISHED:
+            failed += 1
+            problems.append(f"{ids[value]}: {status}")
+        elif job.return_value() != value * 2:
+            problems.append(f"{job.id}: result {job.return_value()!r}")
+        if job is not None and job.started_at and job.ended_at:
+            starts.append(epoch_s(job.started_at))
+            ends.append(epoch_s(job.ended_at))
+    return drain_summary(len(ids), starts, ends, wall_s, problems, failed)
+
+
+def rq_drain(kind: str, function: str, count: int, workers: int, log_dir: Path) -> dict:
+    """Enqueue `count` jobs with no worker, then let W burst workers drain them."""
+    queue = new_rq_queue(kind)
+    try:
+        ids = enqueue_jobs(queue, function, count)
+        started = time.monotonic()
+        with RqWorkers(kind, queue, workers, burst=True, log_dir=log_dir) as pool:
+            wait_for_count(lambda: rq_finished(queue), count, RQ_POLL_S, pool.alive, f"RQ {kind}")
+            wall_s = time.monotonic() - started
+        return rq_outcome(queue.connection, ids, wall_s)
+    finally:
+        drop_keys(queue.connection, queue.name)
+
+
+def rq_call(queue: rq.Queue, function: str, value: int) -> float:
+    """Milliseconds from enqueue to the result in hand, polling the status every 0.5 ms."""
+    started = time.perf_counter()
+    job = queue.enqueue(tasks.FUNCTIONS[function], value, job_id=f"{queue.name}-{value}")
+    deadline = time.monotonic() + STALL_S
+    while (status := job.get_status()) not in RQ_DONE:
+        if time.monotonic() > deadline:
+            raise BenchError(f"job {job.id} still {status} after {STALL_S:.0f} s")
+        time.sleep(LATENCY_POLL_S)
+    result = job.return_value()
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if status != JobStatus.FINISHED or result != value * 2:
+        raise BenchError(f"job {job.id} ended {status} with result {result!r}")
+    return elapsed_ms
+
+
+def rq_latency(kind: str, function: str, runs: int, workers: int, log_dir: Path) -> dict:
+    """Sequential calls with W idle workers; then the RSS of those (warm, idle) workers."""
+    queue = new_rq_queue(kind)
+    try:
+        with RqWorkers(kind, queue, workers, burst=False, log_dir=log_dir) as pool:
+            pool.wait_registered()
+            samples = [rq_call(queue, function, i) for i in range(runs + WARMUP_CALLS)][WARMUP_CALLS:]
+            table = process_table()
+            rss = [mib(table.get(pid, (0, 0))[1]) for pid in pool.pids()]
+        return {"latency": latency_summary(samples), "rss_mib": {"worker": rss}}
+    finally:
+        drop_keys(queue.connection, queue.name)
+
+
+def rq_enqueue_rate(count: int) -> dict:
+    """Direct `Queue.enqueue` from one process, one call per job."""
+    queue = new_rq_queue("enqueue")
+    try:
+        started = time.perf_counter()
+        for value in range(count):
+            queue.enqueue(tasks.double, value, job_id=f"{queue.name}-{value}")
+        span_s = time.perf_counter() - started
+        return {"jobs": count, "span_s": span_s, "jobs_per_s": count / span_s}
+    finally:
+        drop_keys(queue.connection, queue.name)
+
+
+# --- sless clients ---------------------------------------------------------------------------
+
+
+def shares(total: int, parts: int) -> list[tuple[int, int]]:
+    """(first input, count) for each client, covering 0..total-1."""
+    size, extra = divmod(total, parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(parts)]
+
+
+def client_submits(url: str, code: str, first: int, count: int, barrier, results) -> None:
+    """One client process: open a connection, wait for the others, then POST /submit `count` times."""
+    try:
+        session = requests.Session()
+        session.get(url + "/", timeout=10)
+        barrier.wait(timeout=120)
+        ids, errors = {}, []
+        for value in range(first, first + count):
+            answer = session.post(url + "/submit", json={"code": code, "input": value}, timeout=60)
+            if answer.status_code == 202:
+                ids[answer.json()["jobId"]] = value
+            else:
+                errors.append(f"{answer.status_code}: {answer.text[:200]}")
+        results.put({"ids": ids, "errors": errors, "ended": time.monotonic()})
+    except Exception as e:  # noqa: BLE001 - the parent reports it
+        results.put({"ids": {}, "errors": [f"client crashed: {type(e).__name__}: {e}"], "ended": time.monotonic()})
+
+
+def run_clients(url: str, code: str, total: int) -> dict:
+    """Submit `total` jobs from CLIENTS processes at once; the rate counts from their common start."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(CLIENTS + 1), context.Queue()
+    processes = [context.Process(target=client_submits, args=(url, code, first, count, barrier, results))
+                 for first, count in shares(total, CLIENTS)]
+    for process in processes:
+        process.start()
+    try:
+        barrier.wait(timeout=120)
+        started = time.monotonic()
+        outcomes = [results.get(timeout=120 + total) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+    ids = {job_id: value for outcome in outcomes for job_id, value in outcome["ids"].items()}
+    span_s = max(outcome["ended"] for outcome in outcomes) - started
+    return {"inputs": ids, "errors": [e for outcome in outcomes for e in outcome["errors"]], "clients": CLIENTS,
+            "jobs": total, "accepted": len(ids), "span_s": span_s, "jobs_per_s": len(ids) / span_s}
+
+
+def submitted_or_fail(submitted: dict) -> dict:
+    if submitted["errors"]:
+        raise BenchError(f"{len(submitted['errors'])} of {submitted['jobs']} submissions refused; first: "
+                         f"{submitted['errors'][:3]}")
+    return submitted
+
+
+# --- sless -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_stack(log_dir: Path, workers: int):
+    """A fresh daemon (and pool of `workers`) on the bench Redis db, at sless's default settings.
+
+    Stack's test defaults shorten the retry backoff; the default is put back here.
+    """
+    stack = Stack(log_dir, workers=workers, redis_url=REDIS_URL,
+                  retry_backoff_s=Settings.from_env({}).retry_backoff_s)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+        drop_sless_keys(stack)
+
+
+def drop_sless_keys(stack: Stack) -> None:
+    """Whatever the stack left in Redis: queued messages, the queue, its registries."""
+    connection = bench_redis()
+    rq.Queue(stack.queue_name, connection=connection).delete(delete_jobs=True)
+    drop_keys(connection, stack.queue_name)
+    connection.delete(SLESS_MARKER)
+
+
+def sless_terminal(stack: Stack) -> int:
+    return stack.mongo_jobs().count_documents({"state": {"$in": list(TERMINAL)}})
+
+
+def sless_outcome(stack: Stack, inputs: dict[str, int], wall_s: float) -> dict:
+    """Check every job's outcome and summarise the drain from its documents' start and end times."""
+    fields = {"state": 1, "started_at": 1, "finished_at": 1, "result_json": 1, "error": 1, "attempts": 1}
+    docs = {doc["_id"]: doc for doc in stack.mongo_jobs().find({}, fields)}
+    starts, ends, problems, failed, retried = [], [], [], 0, 0
+    for job_id, value in inputs.items():
+        doc = docs.get(job_id, {})
+        retried += doc.get("attempts", 0) > 1
+        if doc.get("state") != "completed":
+            failed += 1
+            problems.append(f"{job_id}: {doc.get('state')} {doc.get('error')}")
+        elif json.loads(doc["result_json"]) != value * 2:
+            problems.append(f"{job_id}: result {doc['result_json']}")
+        if doc.get("started_at") and doc.get("finished_at"):
+            starts.append(epoch_s(doc["started_at"]))
+            ends.append(epoch_s(doc["finished_at"]))
+    return {**drain_summary(len(inputs), starts, ends, wall_s, problems, failed), "retried": retried}
+
+
+def sless_drain(stack: Stack, function: str, count: int, workers: int) -> dict:
+    """Submit `count` jobs (8 clients) with no worker, then start W workers and let them drain."""
+    submitted = submitted_or_fail(run_clients(stack.url, tasks.SLESS_CODE[function], count))
+    started = time.monotonic()
+    stack.workers = workers
+    stack.start_pool()
+    wait_for_count(lambda: sless_terminal(stack), len(submitted["inputs"]), SLESS_POLL_S,
+                   lambda: stack.pool.poll() is None, "sless")
+    wall_s = time.monotonic() - started
+    return {**sless_outcome(stack, submitted["inputs"], wall_s), "submit_jobs_per_s": submitted["jobs_per_s"]}
+
+
+def sless_call(session: requests.Session, url: str, function: str, value: int) -> float:
+    """Milliseconds of one `POST /execute` (the daemon waits for the outcome)."""
+    started = time.perf_counter()
+    answer = session.post(url + "/execute", json={"code": tasks.SLESS_CODE[function], "input": value}, timeout=120)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    body = answer.json()
+    if answer.status_code != 200 or body.get("state") != "completed" or body.get("result") != value * 2:
+        raise BenchError(f"/execute answered {answer.status_code}: {json.dumps(body)[:300]}")
+    return elapsed_ms
+
+
+def sless_latency(stack: Stack, function: str, runs: int) -> dict:
+    session = requests.Session()
+    samples = [sless_call(session, stack.url, function, i) for i in range(runs + WARMUP_CALLS)]
+    return latency_summary(samples[WARMUP_CALLS:])
+
+
+def sless_rss(stack: Stack) -> dict:
+    """Resident MiB of each worker, and of each warm sandbox below it (bwrap and python, summed)."""
+    time.sleep(1.0)  # the spare sandboxes are started once the last jobs are recorded
+    table = process_table()
+    workers = stack.worker_pids()
+    sandboxes = [mib(tree_kib(table, child)) for pid in workers for child in children(table, pid)]
+    return {"worker": [mib(table.get(pid, (0, 0))[1]) for pid in workers], "warm_sandbox": sandboxes}
+
+
+def measure_sless(rec: Recorder, function: str, workers: int, args) -> None:
+    """A fresh stack for this W: drain, RSS of the live pool, then latency on the idle pool."""
+    slot = rec.slot(function, workers, "sless")
+    label = f"sless {function} W={workers}"
+    with running_stack(args.log_dir, workers=0) as stack:
+        slot["throughput"] = rec.attempt(f"{label} throughput ({args.jobs} jobs)",
+                                         lambda: sless_drain(stack, function, args.jobs, workers))
+        rec.check_jobs(f"{label} throughput", slot["throughput"])
+        if slot["throughput"] is None:
+            return  # a backlog may remain: latency measured now would not mean what it says
+        slot["rss_mib"] = rec.attempt(f"{label} RSS", lambda: sless_rss(stack))
+        slot["latency"] = rec.attempt(f"{label} latency ({args.latency_runs} calls)",
+                                      lambda: sless_latency(stack, function, args.latency_runs))
+
+
+def measure_rq(rec: Recorder, kind: str, function: str, workers: int, args) -> None:
+    slot = rec.slot(function, workers, kind)
+    label = f"{kind} {function} W={workers}"
+    slot["throughput"] = rec.attempt(f"{label} throughput ({args.jobs} jobs)",
+                                     lambda: rq_drain(kind, function, args.jobs, workers, args.log_dir))
+    rec.check_jobs(f"{label} throughput", slot["throughput"])
+    measured = rec.attempt(f"{label} latency ({args.latency_runs} calls)",
+                           lambda: rq_latency(kind, function, args.latency_runs, workers, args.log_dir))
+    slot.update(measured or {})
+
+
+def sless_submit_rate(args) -> dict:
+    """`POST /submit` from 8 client processes to a daemon with no workers."""
+    with running_stack(args.log_dir, workers=0) as stack:
+        submitted = submitted_or_fail(run_clients(stack.url, tasks.SLESS_CODE["double"], args.submit_jobs))
+    return {k: v for k, v in submitted.items() if k != "inputs"}
+
+
+def submit_rate(rec: Recorder, args) -> dict:
+    """sless's submit rate next to direct enqueue from one process (each when its systems are selected)."""
+    sless = rec.attempt("sless submit rate", lambda: sless_submit_rate(args)) if "sless" in args.only else None
+    direct = rec.attempt("RQ enqueue rate", lambda: rq_enqueue_rate(args.submit_jobs))
+    return {"sless_submit": sless, "rq_enqueue": direct,
+            "ratio": ratio(get(sless, "jobs_per_s"), get(direct, "jobs_per_s"))}
+
+
+def slice_rates(offsets_s: list[float], size: int) -> list[dict]:
+    """Jobs/s of each consecutive `size`-job slice of the finish times (from the first start)."""
+    slices = []
+    for index in range(len(offsets_s) // size):
+        begin = offsets_s[index * size - 1] if index else 0.0
+        end = offsets_s[(index + 1) * size - 1]
+        slices.append({"slice": index + 1, "jobs": size, "span_s": end - begin,
+                       "jobs_per_s": size / (end - begin) if end > begin else None})
+    return slices
+
+
+def long_drain(args) -> dict:
+    """A long drain: does the cost per job stay flat as the jobs collection grows?"""
+    with running_stack(args.log_dir, workers=0) as stack:
+        drained = sless_drain(stack, "double", args.long_jobs, args.long_workers)
+    size = 1000 if args.long_jobs >= 2000 else max(1, args.long_jobs // 5)
+    slices = slice_rates(drained["finish_offsets_s"], size)
+    first, last = slices[0]["jobs_per_s"], slices[-1]["jobs_per_s"]
+    return {"workers": args.long_workers, "drain": drained, "slice_jobs": size, "slices": slices,
+            "last_over_first": ratio(last, first)}
+
+
+# --- the stages of one job ---------------------------------------------------------------------
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """`parse;dur=0.2, insert;dur=1.1` -> {"parse": 0.2, "insert": 1.1} (milliseconds)."""
+    found = {}
+    for metric in (header or "").split(","):
+        name, *params = [part.strip() for part in metric.split(";")]
+        for param in params:
+            key, _, value = param.partition("=")
+            with contextlib.suppress(ValueError):
+                if key.strip() == "dur" and name:
+                    found[name] = float(value)
+    return found
+
+
+def span_ms(timings: dict, start: str, end: str) -> float | None:
+    a, b = timings.get(start), timings.get(end)
+    return (b - a) * 1000 if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+
+def job_stages(round_trip_ms: float, server: dict, timings: dict, sent: float, seen: float) -> dict:
+    """Milliseconds per stage; None where the daemon or worker did not report the times."""
+    server_ms = [server.get(k) for k in ("parse", "insert", "enqueue")]
+    recorded = timings.get("recorded_at")
+    return {
+        "HTTP accept": round_trip_ms - sum(server_ms) if None not in server_ms else None,
+        "parse": server.get("parse"), "MongoDB insert": server.get("insert"), "enqueue": server.get("enqueue"),
+        "dequeue wait": span_ms(timings, "enqueued_at", "dequeued_at"),
+        "claim": span_ms(timings, "dequeued_at", "claimed_at"),
+        "sandbox ready": span_ms(timings, "claimed_at", "sandbox_ready_at"),
+        "hand-off to code": span_ms(timings, "sandbox_ready_at", "code_started_at"),
+        "user code": span_ms(timings, "code_started_at", "code_ended_at"),
+        "outcome write": span_ms(timings, "code_ended_at", "recorded_at"),
+        "visible": (seen - recorded) * 1000 if isinstance(recorded, (int, float)) else None,
+        "total seen by client": (seen - sent) * 1000,
+    }
+
+
+def staged_job(stack: Stack, session: requests.Session, value: int) -> dict:
+    """Submit one job, poll its status every 1 ms until it ends, and read its recorded times."""
+    sent, started = time.time(), time.perf_counter()
+    answer = session.post(stack.url + "/submit", json={"code": tasks.SLESS_CODE["double"], "input": value}, timeout=30)
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    if answer.status_code != 202:
+        raise BenchError(f"/submit answered {answer.status_code}: {answer.text[:200]}")
+    job_id = answer.json()["jobId"]
+    deadline = time.monotonic() + STALL_S
+    while (state := session.get(f"{stack.url}/status/{job_id}", timeout=10).json()["state"]) not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise BenchError(f"job {job_id} still {state} after {STALL_S:.0f} s")
+        time.sleep(STAGE_POLL_S)
+    seen = time.time()
+    if state != "completed":
+        raise BenchError(f"job {job_id} ended {state}")
+    timings = (stack.mongo_jobs().find_one({"_id": job_id}, {"timings": 1}) or {}).get("timings") or {}
+    return job_stages(round_trip_ms, parse_server_timing(answer.headers.get("Server-Timing")), timings, sent, seen)
+
+
+def stage_breakdown(args) -> dict:
+    """Median of each stage over sequential jobs on one idle worker."""
+    with running_stack(args.log_dir, workers=1) as stack:
+        session = requests.Session()
+        runs = [staged_job(stack, session, i) for i in range(args.stage_runs + WARMUP_CALLS)][WARMUP_CALLS:]
+    medians = {}
+    for stage in STAGES:
+        values = [run[stage] for run in runs if run[stage] is not None]
+        medians[stage] = {"median_ms": statistics.median(values) if values else None, "runs": len(values)}
+    return {"stages": medians, "runs": runs}
+
+
+# --- sandbox start-up --------------------------------------------------------------------------
+
+
+def sandbox_start_measures(runs: int) -> dict:
+    """bench/sandbox_start.py's measures. Runs in a child process: they make their process a
+    subreaper that collects every child, which would steal this process's stack processes."""
+    from bench import sandbox_start as s
+
+    return {name: {**s.summary(values), "samples_ms": [round(v, 3) for v in values]}
+            for name, values in s.measures(runs).items()}
+
+
+def sandbox_start(runs: int) -> dict:
+    if os.geteuid() != 0:
+        log.warning("not root: the sandbox runs without its slot uid and cgroups, unlike a root worker")
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(sandbox_start_measures, runs).result()
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def get(tree: dict | None, *path):
+    """tree[path[0]][path[1]]...; None where anything on the way is missing."""
+    for key in path:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def throughput_table(per_w: dict, workers: list[int]) -> str:
+    rows = []
+    for w in workers:
+        rate = {s: get(per_w, str(w), s, "throughput", "jobs_per_s") for s in SYSTEMS}
+        wall = "/".join(fmt(get(per_w, str(w), s, "throughput", "wall_s")) for s in SYSTEMS)
+        ratios = [fmt(ratio(rate["sless"], rate[base]), 2, "x") for base in ("A", "B")]
+        rows.append([str(w)] + [fmt(rate[s]) for s in SYSTEMS] + ratios + [wall])
+    return table(["W", "A jobs/s", "B jobs/s", "sless jobs/s", "sless/A", "sless/B", "wall s A/B/sless"], rows)
+
+
+def latency_table(per_w: dict, workers: list[int]) -> str:
+    rows = []
+    for w in workers:
+        cells = [str(w)]
+        for s in SYSTEMS:
+            cells.append("/".join(fmt(get(per_w, str(w), s, "latency", f"{p}_ms"), 2) for p in ("p50", "p95", "p99")))
+        p50 = {s: get(per_w, str(w), s, "latency", "p50_ms") for s in SYSTEMS}
+        cells += [fmt(ratio(p50["sless"], p50["A"]), 2, "x"),
+                  fmt(ratio(get(per_w, str(w), "sless", "latency", "p99_ms"), p50["sless"]), 2, "x")]
+        rows.append(cells)
+    return table(["W", "A p50/p95/p99 ms", "B p50/p95/p99 ms", "sless p50/p95/p99 ms", "sless/A p50",
+                  "sless p99/p50"], rows)
+
+
+def mean_of(values: list[float] | None) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def rss_table(per_w: dict, workers: list[int]) -> str:
+    rows = []
+    for w in workers:
+        cells = [str(w)] + [fmt(mean_of(get(per_w, str(w), s, "rss_mib", "worker"))) for s in SYSTEMS]
+        sandboxes = get(per_w, str(w), "sless", "rss_mib", "warm_sandbox")
+        rows.append(cells + [fmt(mean_of(sandboxes)), str(len(sandboxes)) if sandboxes is not None else "n/a"])
+    return table(["W", "A worker MiB", "B worker MiB", "sless worker MiB", "sless warm sandbox MiB",
+                  "warm sandboxes"], rows)
+
+
+def targets(data: dict, workers: list[int]) -> list[dict]:
+    """The issue's targets, each with the measured ratio and whether it is met."""
+    found = []
+
+    def add(where: str, target: str, measured: float | None, met) -> None:
+        found.append({"where": where, "target": target, "measured": measured,
+                      "met": None if measured is None else bool(met(measured))})
+
+    for function, per_w in data["functions"].items():
+        for w in workers:
+            rate = {s: get(per_w, str(w), s, "throughput", "jobs_per_s") for s in SYSTEMS}
+            lat = {s: get(per_w, str(w), s, "latency") or {} for s in SYSTEMS}
+            where = f"{function} W={w}"
+            add(where, "throughput >= 2x A", ratio(rate["sless"], rate["A"]), lambda r: r >= 2)
+            add(where, "p50 <= 0.5x A", ratio(lat["sless"].get("p50_ms"), lat["A"].get("p50_ms")), lambda r: r <= 0.5)
+            add(where, "p99 <= 2x sless p50", ratio(lat["sless"].get("p99_ms"), lat["sless"].get("p50_ms")),
+                lambda r: r <= 2)
+            add(where, "stretch: throughput >= 0.8x B", ratio(rate["sless"], rate["B"]), lambda r: r >= 0.8)
+    add("submit", "submit >= 0.5x enqueue", get(data, "submit_rate", "ratio"), lambda r: r >= 0.5)
+    return found
+
+
+def targets_table(found: list[dict]) -> str:
+    verdict = {True: "met", False: "not met", None: "n/a"}
+    return table(["where", "target", "measured", "verdict"],
+                 [[t["where"], t["target"], fmt(t["measured"], 2, "x"), verdict[t["met"]]] for t in found])
+
+
+def submit_table(submit: dict | None) -> str:
+    sless, direct = get(submit, "sless_submit"), get(submit, "rq_enqueue")
+    return table(["path", "jobs", "jobs/s"], [
+        [f"sless POST /submit, {CLIENTS} clients", fmt(get(sless, "accepted"), 0), fmt(get(sless, "jobs_per_s"))],
+        ["RQ Queue.enqueue, 1 process", fmt(get(direct, "jobs"), 0), fmt(get(direct, "jobs_per_s"))],
+        ["ratio sless/enqueue", "", fmt(get(submit, "ratio"), 2, "x")]])
+
+
+def long_drain_text(long: dict | None) -> str:
+    if not long:
+        return "not run (or failed; see errors)"
+    rows = [[str(s["slice"]), str(s["jobs"]), fmt(s["span_s"], 2), fmt(s["jobs_per_s"])] for s in long["slices"]]
+    return (f"{long['drain']['jobs']} jobs, W={long['workers']}; last slice / first slice: "
+            f"{fmt(long['last_over_first'], 2, 'x')}\n\n" + table(["slice", "jobs", "s", "jobs/s"], rows))
+
+
+def stages_table(stages: dict | None) -> str:
+    if not stages:
+        return "not run (or failed; see errors)"
+    return table(["stage", "median ms", "runs with data"],
+                 [[name, fmt(row["median_ms"], 2), str(row["runs"])] for name, row in stages["stages"].items()])
+
+
+def sandbox_table(rows: dict | None) -> str:
+    if not rows:
+        return "not run (or failed; see errors)"
+    base = next(iter(rows.values()))["p50_ms"]
+    return table(["measure", "p50 ms", "p95 ms", "p50 / plain start"],
+                 [[name, fmt(r["p50_ms"], 2), fmt(r["p95_ms"], 2), fmt(ratio(r["p50_ms"], base), 2, "x")]
+                  for name, r in rows.items()])
+
+
+def report(data: dict, args) -> str:
+    meta = data["meta"]
+    parts = [f"# sless vs plain RQ ({meta['started']}, {meta['cpus']} CPUs, load {meta['load_before']})",
+             f"cpu10 loop: {fmt(meta['cpu10_ms_here'], 2)} ms in {sys.executable}, "
+             f"{fmt(meta['cpu10_ms_sandbox_python'], 2)} ms in the sandbox's {SANDBOX_PYTHON}"]
+    for function, per_w in data["functions"].items():
+        parts += [f"## {function}: throughput, draining {args.jobs} queued jobs", throughput_table(per_w, args.workers),
+                  f"## {function}: end-to-end latency, {args.latency_runs} sequential submit-and-wait calls",
+                  latency_table(per_w, args.workers)]
+    first_name, first = next(iter(data["functions"].items()), ("none", {}))
+    parts += [f"## Submit rate ({args.submit_jobs} jobs, no workers)", submit_table(data.get("submit_rate")),
+              f"## RSS, mean per process, idle ({first_name}; RQ after its latency run, sless after its drain)",
+              rss_table(first, args.workers),
+              "## Long drain (sless, double)", long_drain_text(data.get("long_drain")),
+              f"## Stages of one sless job (median of {args.stage_runs})", stages_table(data.get("stages")),
+              f"## Sandbox start ({args.sandbox_runs} runs)", sandbox_table(data.get("sandbox_start")),
+              "## Targets", targets_table(data["targets"])]
+    errors = data["errors"]
+    parts.append("## Errors\n" + ("\n".join(f"- {e['measure']}: {e['error']}" for e in errors) if errors else "none"))
+    return "\n\n".join(parts) + "\n"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def meta() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "python": sys.executable,
+            "python_version": platform.python_version(), "rq": rq.__version__, "redis_url": REDIS_URL,
+            "commit": commit, "root": os.geteuid() == 0, "cpu_loops": tasks.CPU_LOOPS,
+            "cpu10_ms_here": tasks.cpu_loop_ms_here(), "cpu10_ms_sandbox_python": sandbox_cpu_ms()}
+
+
+def sandbox_cpu_ms() -> float | None:
+    """The cpu10 loop in the interpreter the sandbox runs, when it can be run here."""
+    try:
+        return tasks.cpu_loop_ms(SANDBOX_PYTHON)
+    except (OSError, subprocess.CalledProcessError, ValueError) as e:
+        log.warning("cannot time the cpu10 loop in %s: %s", SANDBOX_PYTHON, e)
+        return None
+
+
+def run(args) -> dict:
+    rec = Recorder()
+    rec.data["meta"] = meta()
+    if "sless" in args.only:
+        rec.data["sandbox_start"] = rec.attempt("sandbox start", lambda: sandbox_start(args.sandbox_runs))
+    rec.data["submit_rate"] = submit_rate(rec, args)
+    for function in args.functions:
+        for w in args.workers:
+            for kind in [k for k in ("A", "B") if k in args.only]:
+                measure_rq(rec, kind, function, w, args)
+            if "sless" in args.only:
+                rec.attempt(f"sless {function} W={w}", lambda: measure_sless(rec, function, w, args))
+    if "sless" in args.only and args.long_jobs:
+        rec.data["long_drain"] = rec.attempt(f"long drain ({args.long_jobs} jobs)", lambda: long_drain(args))
+        rec.check_jobs("long drain", get(rec.data, "long_drain", "drain"))
+    if "sless" in args.only and args.stage_runs:
+        rec.data["stages"] = rec.attempt("stage breakdown", lambda: stage_breakdown(args))
+    rec.data["targets"] = targets(rec.data, args.workers)
+    return rec.data
+
+
+def csv_of(kind, allowed=None):
+    """An argparse type: a comma-separated list of `kind`, each in `allowed` when given."""
+
+    def parse(text: str) -> list:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if not values or (allowed and set(values) - set(allowed)):
+            choices = f" of {', '.join(allowed)}" if allowed else ""
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list{choices}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=csv_of(int), default=[1, 2, 4], help="worker counts W (default 1,2,4)")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs drained for throughput")
+    parser.add_argument("--latency-runs", type=int, default=300, help="sequential submit-and-wait calls")
+    parser.add_argument("--submit-jobs", type=int, default=2000, help="jobs for the submit-rate comparison")
+    parser.add_argument("--long-jobs", type=int, default=10000, help="jobs of the long sless drain; 0 skips it")
+    parser.add_argument("--long-workers", type=int, default=2, help="workers for the long drain")
+    parser.add_argument("--stage-runs", type=int, default=50, help="jobs for the stage breakdown; 0 skips it")
+    parser.add_argument("--sandbox-runs", type=int, default=30, help="runs per sandbox start-up measure")
+    parser.add_argument("--only", type=csv_of(str, SYSTEMS), default=list(SYSTEMS), help="systems: A,B,sless")
+    parser.add_argument("--functions", type=csv_of(str, tasks.SLESS_CODE), default=list(tasks.SLESS_CODE),
+                        help="double,cpu10")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare.json")
+    args = parser.parse_args(argv)
+    if min(args.jobs, args.latency_runs, args.submit_jobs, *args.workers) < 1:
+        parser.error("--jobs, --latency-runs, --submit-jobs and --workers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    args = parse_args(argv)
+    args.log_dir = Path(tempfile.mkdtemp(prefix="sless-bench-"))
+    data = run(args)
+    data["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1, default=str))
+    print(report(data, args))
+    log.info("raw numbers in %s", args.out)
+    if data["errors"]:
+        log.error("%d measures failed; daemon, pool and RQ worker logs: %s", len(data["errors"]), args.log_dir)
+        return 1
+    shutil.rmtree(args.log_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -432,13 +432,22 @@ def drop_sless_keys(stack: Stack) -> None:
 
 
 def sless_terminal(stack: Stack) -> int:
-    return stack.mongo_jobs().count_documents({"state": {"$in": list(TERMINAL)}})
+    """Jobs recorded as ended: terminal settle events (at most one per job, store.py)."""
+    events = stack.mongo_jobs().database["events"]
+    return events.count_documents({"step": "settle", "state": {"$in": list(TERMINAL)}})
+
+
+def sless_records(stack: Stack) -> dict[str, dict]:
+    """Every job of the stack as its record says now."""
+    from sless_daemon.store import OutcomeStore, connect_mongo
+
+    store = OutcomeStore(connect_mongo(stack.env["SLESS_MONGO_URL"]), stack.db_name)
+    return {job["_id"]: job for job in store.all_jobs(full=True)}
 
 
 def sless_outcome(stack: Stack, inputs: dict[str, int], wall_s: float) -> dict:
     """Check every job's outcome and summarise the drain from its documents' start and end times."""
-    fields = {"state": 1, "started_at": 1, "finished_at": 1, "result_json": 1, "error": 1, "attempts": 1}
-    docs = {doc["_id"]: doc for doc in stack.mongo_jobs().find({}, fields)}
+    docs = sless_records(stack)
     starts, ends, problems, failed, retried = [], [], [], 0, 0
     for job_id, value in inputs.items():
         doc = docs.get(job_id, {})
@@ -603,14 +612,14 @@ def staged_job(stack: Stack, session: requests.Session, value: int) -> dict:
         raise BenchError(f"/submit answered {answer.status_code}: {answer.text[:200]}")
     job_id = answer.json()["jobId"]
     deadline = time.monotonic() + STALL_S
-    while (state := session.get(f"{stack.url}/status/{job_id}", timeout=10).json()["state"]) not in TERMINAL:
+    while (state := (doc := session.get(f"{stack.url}/status/{job_id}", timeout=10).json())["state"]) not in TERMINAL:
         if time.monotonic() > deadline:
             raise BenchError(f"job {job_id} still {state} after {STALL_S:.0f} s")
         time.sleep(STAGE_POLL_S)
     seen = time.time()
     if state != "completed":
         raise BenchError(f"job {job_id} ended {state}")
-    timings = (stack.mongo_jobs().find_one({"_id": job_id}, {"timings": 1}) or {}).get("timings") or {}
+    timings = doc.get("timings") or {}
     return job_stages(round_trip_ms, parse_server_timing(answer.headers.get("Server-Timing")), timings, sent, seen)
 
 

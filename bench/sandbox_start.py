@@ -60,19 +60,26 @@ def server_start(settings: Settings, sandbox):
     return lambda: JobHost.start(settings, sandbox, "bench-start", reap_init=True).stop()
 
 
-def attempts(executor: Executor, spec: JobSpec, cold: bool, runs: int) -> tuple[list[float], list[float]]:
-    """Milliseconds of `Executor.run` and of its per-attempt sandbox (order sent to code
-    started); with `cold`, the fork server is stopped before each attempt."""
-    totals, sandboxes = [], []
+def attempts(executor: Executor, spec: JobSpec, mode: str, runs: int) -> dict[str, list[float]]:
+    """Milliseconds of `Executor.run`, of the job's wait for its sandbox, and of the
+    sandbox's build (order sent to code started). `mode`: "spare" (the worker's idle
+    time ordered the next sandbox, as in production), "ordered" (ordered when the job
+    comes) or "cold" (the fork server itself is started for the job)."""
+    samples: dict[str, list[float]] = {"total": [], "wait": [], "build": []}
     for _ in range(runs + 2):
-        if cold:
+        if mode == "spare":
+            executor.prepare()
+            time.sleep(0.02)  # the worker is idle for a moment between jobs
+        elif mode == "cold":
             executor.close()
         started = time.perf_counter()
         outcome = executor.run(spec)
-        totals.append((time.perf_counter() - started) * 1000)
+        samples["total"].append((time.perf_counter() - started) * 1000)
         assert outcome.result == 42, outcome
-        sandboxes.append((outcome.timings["code_started_at"] - outcome.timings["sandbox_ready_at"]) * 1000)
-    return totals[2:], sandboxes[2:]
+        t = outcome.timings
+        samples["wait"].append((t["sandbox_ready_at"] - t["sandbox_asked_at"]) * 1000)
+        samples["build"].append((t["code_started_at"] - t["sandbox_ready_at"]) * 1000)
+    return {name: values[2:] for name, values in samples.items()}
 
 
 def measures(runs: int) -> dict[str, list[float]]:
@@ -81,14 +88,18 @@ def measures(runs: int) -> dict[str, list[float]]:
     settings = Settings.from_env({})
     sandbox = build_sandbox("", settings.sandbox_uid_base + 50, slot=0)
     spec = JobSpec(code="return input * 2", input=21, limits=default_limits(settings), retries=0)
-    warm_total, attempt_sandbox = attempts(Executor(settings, sandbox, "bench", reap_orphans=True), spec, False, runs)
-    cold_total, _ = attempts(Executor(settings, sandbox, "bench-cold", reap_orphans=True), spec, True, runs)
+    executor = Executor(settings, sandbox, "bench", reap_orphans=True)
+    spare, ordered = attempts(executor, spec, "spare", runs), attempts(executor, spec, "ordered", runs)
+    cold = attempts(Executor(settings, sandbox, "bench-cold", reap_orphans=True), spec, "cold", runs)
+    executor.close()
     return {
         PLAIN: timed(plain_start(sandbox.python), runs),
         "worker's sandbox + fork server start (once per worker)": timed(server_start(settings, sandbox), runs),
-        "fresh attempt sandbox, order to code start (every job)": attempt_sandbox,
-        "whole attempt, fork server running": warm_total,
-        "whole attempt, fork server started for it": cold_total,
+        "fresh attempt sandbox: fork, namespaces, mounts, uid, filter (every job)": ordered["build"],
+        "job waits for its sandbox (spare ordered while idle, the default)": spare["wait"],
+        "whole attempt, spare sandbox (the default)": spare["total"],
+        "whole attempt, sandbox ordered when the job comes": ordered["total"],
+        "whole attempt, fork server started for it": cold["total"],
     }
 
 

@@ -90,9 +90,13 @@ class Api:
                                                        **checks})
 
     def submit(self):
+        started = time.perf_counter()
         spec = parse_job(parse_body(read_body(bottle.request, self.settings.max_body_bytes)), self.settings)
-        job_id = self.lifecycle.accept(spec)
-        return json_response(202, {"jobId": job_id, "status": JobState.SUBMITTED.value})
+        stages = {"parse": time.perf_counter() - started}
+        job_id = self.lifecycle.accept(spec, stages)
+        response = json_response(202, {"jobId": job_id, "status": JobState.SUBMITTED.value})
+        response.set_header("Server-Timing", ", ".join(f"{name};dur={s * 1000:.3f}" for name, s in stages.items()))
+        return response
 
     def execute(self):
         data = parse_body(read_body(bottle.request, self.settings.max_body_bytes))
@@ -106,19 +110,22 @@ class Api:
         return json_response(200 if JobState(job["state"]).is_terminal else 202, status_document(job))
 
     def wait_for_end(self, job_id: str, wait_s: float) -> dict | None:
-        """Poll the record until the job is terminal or `wait_s` passes; return the last read."""
+        """Read the record whenever an attempt is announced (queue.announce_settled) until the
+        job is terminal or `wait_s` passes; return the last read. Without Redis, it polls."""
         deadline = time.monotonic() + wait_s
-        pause = 0.005
         job = None
         while True:
+            remaining = deadline - time.monotonic()
+            try:
+                self.lifecycle.queue.wait_settled(job_id, min(max(remaining, 0.0), WAKE_CHECK_S))
+            except DependencyDown:
+                time.sleep(min(max(remaining, 0.0), 0.1))
             try:
                 job = self.store.get(job_id)
             except DependencyDown:
                 pass
-            if (job and JobState(job["state"]).is_terminal) or time.monotonic() >= deadline:
+            if (job and JobState(job["state"]).is_terminal) or deadline - time.monotonic() <= 0:
                 return job
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 1.5, 0.1)
 
     def retry(self, job_id: str):
         """Dead letters: a failed job runs again as a new attempt."""
@@ -131,6 +138,9 @@ class Api:
         if job is None:
             return error_response(404, f"No job has the id {job_id[:64]!r}.")
         return status_document(job)
+
+
+WAKE_CHECK_S = 1.0  # read the record at least this often while waiting, in case an announcement is lost
 
 
 def make_app(settings: Settings, lifecycle: Lifecycle, health: HealthChecker) -> bottle.Bottle:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from .capture import Capture
 from .errors import SandboxUnavailable
-from .jobhost import JobHost
-from .limits import default_limits
+from .jobhost import REAP_TIMEOUT_S, AttemptPipes, JobHost
+from .limits import Limits, default_limits
 from .outcome import AttemptOutcome, failed
 from .sandbox import Sandbox
 from .settings import Settings
@@ -42,8 +42,25 @@ PROBE_CODE = "return 'sandbox-ok'"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+@dataclass
+class Ordered:
+    """An attempt the fork server was asked for: its pipes, limits and (insecure) directory."""
+
+    host: JobHost
+    pipes: AttemptPipes
+    limits: Limits
+    workdir: str | None
+    ordered_at: float
+
+
 class Executor:
-    """Runs attempts, one at a time, through this worker's fork server."""
+    """Runs attempts, one at a time, through this worker's fork server.
+
+    While the worker is idle (and right after each attempt) the next attempt's sandbox
+    is ordered with the default limits: the fork server builds it and it waits for its
+    request, so a job with those limits starts without waiting for the fork and the
+    namespaces. It serves exactly one job; a job with other limits gets its own.
+    """
 
     def __init__(self, settings: Settings, sandbox: Sandbox | None, name: str = "executor",
                  reap_orphans: bool = False):
@@ -54,6 +71,8 @@ class Executor:
         self.name = name
         self.reap_orphans = reap_orphans
         self.host: JobHost | None = None
+        self.spare: Ordered | None = None
+        self.default_limits = default_limits(settings)
 
     def run(self, spec: JobSpec, context: dict | None = None) -> AttemptOutcome:
         """Run one attempt to its end and return its outcome; never raises for user faults.
@@ -64,18 +83,15 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         timings = {"sandbox_asked_at": time.time()}
-        workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
+        ordered = self._take_spare(spec.limits) or self._order(spec.limits)
         try:
-            host, pipes = self._begin(spec, workdir)
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
-            ended_by = capture.pump(pipes, host.control.fileno(), request, deadline=started + spec.timeout_s)
-            status, breaches = host.end()
+            ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
+                                    deadline=started + spec.timeout_s)
+            status, breaches = ordered.host.end()
         finally:
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
-            if self.reap_orphans:
-                reap_orphans()
+            self._clean_up(ordered)
         duration_s = time.monotonic() - started
         stderr = capture.stderr.text()
         report = capture.report()
@@ -85,13 +101,14 @@ class Executor:
         return AttemptOutcome(result, error, capture.stdout.text(), stderr, round(duration_s * 1000, 3), timings)
 
     def prepare(self) -> None:
-        """Have a running fork server, so the next attempt does not wait for one (called
-        while the worker is idle, and after an attempt that took its sandbox down)."""
-        self._ready_host()
+        """Have the next attempt's sandbox ordered (and a fork server running), so the next
+        job need not wait for either (called while the worker is idle)."""
+        if self.spare is None:
+            self.spare = self._order(self.default_limits)
 
     def probe(self) -> None:
         """Run one trivial attempt; SandboxUnavailable, with the reason, if it fails."""
-        spec = JobSpec(code=PROBE_CODE, input=None, limits=default_limits(self.settings), retries=0)
+        spec = JobSpec(code=PROBE_CODE, input=None, limits=self.default_limits, retries=0)
         outcome = self.run(spec)
         if outcome.result != "sandbox-ok":
             reason = (outcome.error or {}).get("message", "") + " " + outcome.stderr.strip()[-300:]
@@ -99,28 +116,62 @@ class Executor:
 
     def close(self) -> None:
         """Stop the fork server, if any (the worker is stopping)."""
+        self._drop_spare()
         host, self.host = self.host, None
         if host:
             host.stop()
 
+    def _take_spare(self, limits: Limits) -> Ordered | None:
+        """The ordered spare if it fits these limits and its server still runs; else drop it."""
+        if self.spare is not None and self.spare.limits == limits and self.spare.host.alive:
+            spare, self.spare = self.spare, None
+            return spare
+        self._drop_spare()
+        return None
+
+    def _drop_spare(self) -> None:
+        """Cancel the spare: with its request pipe closed it exits; its status is read."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        spare.pipes.close()
+        if spare.host.alive:
+            spare.host.end(wait_s=REAP_TIMEOUT_S)
+        self._clean_up(spare)
+
+    def _clean_up(self, ordered: Ordered) -> None:
+        if ordered.workdir:
+            shutil.rmtree(ordered.workdir, ignore_errors=True)
+        if self.reap_orphans:
+            reap_orphans()
+
     def _ready_host(self) -> JobHost:
         if self.host is not None and not self.host.alive:
-            log.warning("the sandbox of %s exited (code %s); starting a new one", self.name, self.host.process.poll())
+            if not self.host.stopped:  # not by us (after an attempt that did not end by itself)
+                log.warning("the sandbox of %s exited (code %s); starting a new one", self.name,
+                            self.host.process.poll())
             self.close()
         if self.host is None:
             self.host = JobHost.start(self.settings, self.sandbox, self.name, reap_init=self.reap_orphans)
         return self.host
 
-    def _begin(self, spec: JobSpec, workdir: str | None):
-        """Send the attempt to the fork server, starting a new server if the old one is gone."""
-        host = self._ready_host()
+    def _order(self, limits: Limits) -> Ordered:
+        """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone."""
+        workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         try:
-            return host, host.begin(spec.limits, workdir)
-        except OSError as e:
-            log.warning("the sandbox of %s stopped taking attempts (%s); starting a new one", self.name, e)
-            self.close()
             host = self._ready_host()
-            return host, host.begin(spec.limits, workdir)
+            try:
+                pipes = host.begin(limits, workdir)
+            except OSError as e:
+                log.warning("the sandbox of %s stopped taking attempts (%s); starting a new one", self.name, e)
+                self.close()
+                host = self._ready_host()
+                pipes = host.begin(limits, workdir)
+        except BaseException:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return Ordered(host, pipes, limits, workdir, time.time())
 
 
 def _code_times(report: str | None) -> dict:

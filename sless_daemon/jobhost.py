@@ -119,6 +119,7 @@ class JobHost:
         self.info_fd = info_fd
         self.reap_init = reap_init
         self.breaches_before: dict[str, int] = {}
+        self.stopped = False
 
     @classmethod
     def start(cls, settings: Settings, sandbox: Sandbox | None, name: str, reap_init: bool = False) -> JobHost:
@@ -180,7 +181,7 @@ class JobHost:
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self.stopped and self.process.poll() is None
 
     def begin(self, limits: Limits, workdir: str | None) -> AttemptPipes:
         """Send the order of one attempt; returns the worker's ends of its pipes.
@@ -207,11 +208,11 @@ class JobHost:
                 os.close(fd)
         return AttemptPipes(stdin_w, stdout_r, stderr_r, report_r)
 
-    def end(self) -> tuple[int | None, frozenset[str]]:
-        """The attempt's exit status (None: it did not end by itself, so the sandbox was
-        killed) and the cgroup limits it hit."""
+    def end(self, wait_s: float = 0.0) -> tuple[int | None, frozenset[str]]:
+        """The attempt's exit status (None: it did not end by itself within `wait_s`, so the
+        sandbox was killed) and the cgroup limits it hit."""
         status = None
-        if _readable(self.control, 0):
+        if _readable(self.control, wait_s):
             try:
                 status = json.loads(self.control.recv(4096) or b"{}").get("status")
             except (OSError, ValueError):
@@ -229,6 +230,9 @@ class JobHost:
 
     def stop(self) -> None:
         """Kill the whole sandbox (the namespaces die with bubblewrap) and clean up after it."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -32,6 +33,12 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def message_job(job_id: str, spec: JobSpec) -> dict:
+    """A new job as the queue message needs it (the same fields as its stored record)."""
+    return {"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
+            "limits": spec.limits.to_dict(), "retries": spec.retries, "timeout_s": spec.timeout_s}
+
+
 def retry_delay_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped; `attempt` counts from 1."""
     return min(cap_s, base_s * 2 ** (attempt - 1))
@@ -43,6 +50,16 @@ class Decision:
 
     retry: bool
     delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one attempt ends, as about to be written: its changes, error entry and decision."""
+
+    job: dict
+    changes: dict
+    error: dict | None
+    decision: Decision
 
 
 def decide_after_failure(attempt: int, max_attempts: int, error_type: ErrorType, settings: Settings) -> Decision:
@@ -62,19 +79,24 @@ class Lifecycle:
         self.queue = queue
         self.owner = owner
 
-    def accept(self, spec: JobSpec) -> str:
+    def accept(self, spec: JobSpec, stages: dict | None = None) -> str:
         """Record then enqueue a new job; on any failure nothing is left behind.
 
         Raises DependencyDown naming MongoDB or Redis. The record goes first so a
-        worker never dequeues an id MongoDB does not know.
+        worker never runs a job MongoDB does not know. `stages` receives the seconds
+        each step took ("insert", "enqueue").
         """
+        stages = {} if stages is None else stages
         job_id = new_job_id()
+        started = time.perf_counter()
         self.store.insert(job_id, spec, utcnow())
+        inserted = time.perf_counter()
         try:
-            self.queue.enqueue(job_id, spec.timeout_s, 0)
+            self.queue.enqueue(message_job(job_id, spec), 0)
         except Exception:
             self._forget(job_id)
             raise
+        stages.update(insert=inserted - started, enqueue=time.perf_counter() - inserted)
         return job_id
 
     def _forget(self, job_id: str) -> None:
@@ -83,40 +105,63 @@ class Lifecycle:
         except DependencyDown:
             log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
 
-    def start(self, job_id: str) -> dict | None:
-        """Claim the job's next attempt for this worker; None when it is not waiting."""
-        return self.store.claim(job_id, self.owner, utcnow(), self.settings.lease_s)
+    def start(self, message: dict) -> dict | None:
+        """Claim the attempt a queue message carries for this worker.
+
+        Returns the job as the attempt sees it (`_id`, `attempts` counting this attempt,
+        code, limits, retries...), or None when that attempt was taken before (a
+        duplicate message). The attempt number fences every later write of the attempt.
+        """
+        now = utcnow()
+        job_id, attempt = message["job_id"], message["attempt"]
+        if not self.store.claim(job_id, attempt, self.owner, now, now + timedelta(seconds=self.settings.lease_s)):
+            return None
+        job = {k: v for k, v in message.items() if k not in ("job_id", "attempt", "enqueued_at")}
+        return {**job, "_id": job_id, "attempts": attempt, "started_at": now}
 
     def renew(self, job: dict) -> None:
         """Extend the running attempt's lease (the worker's heartbeat)."""
         until = utcnow() + timedelta(seconds=self.settings.lease_s)
         self.store.renew_lease(job["_id"], job["attempts"], self.owner, until)
 
-    def finish(self, job: dict, outcome: AttemptOutcome) -> Decision:
-        """Record an attempt's outcome: completed, retry scheduled, or failed for good."""
-        attempt = job["attempts"]
-        fields = {
-            "stdout": outcome.stdout, "stderr": outcome.stderr, "duration_ms": outcome.duration_ms,
-            "finished_at": utcnow(),
-        }
-        if outcome.ok:
-            self._settle(job, attempt, {**fields, "state": JobState.COMPLETED.value,
-                                        "result_json": json.dumps(outcome.result), "error": None})
-            return Decision(False)
-        return self.fail(job, attempt, outcome.error, fields)
+    def finish(self, job: dict, outcome: AttemptOutcome, timings: dict | None = None) -> Decision:
+        """Record an attempt's outcome: completed, retry scheduled, or failed for good.
 
-    def fail(self, job: dict, attempt: int, error: dict, fields: dict) -> Decision:
+        `timings` (epoch seconds of the attempt's stages) are kept with the outcome.
+        """
+        return self.finish_many([(job, outcome, timings)])[0]
+
+    def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]]) -> list[Decision]:
+        """Record several attempts' outcomes at once (one insert for all: a worker's recorder
+        writes whatever finished while it was writing the last batch)."""
+        settlements = []
+        for job, outcome, timings in finished:
+            fields = {
+                "stdout": outcome.stdout, "stderr": outcome.stderr, "duration_ms": outcome.duration_ms,
+                "finished_at": utcnow(), "worker": self.owner, "started_at": job.get("started_at"),
+                "timings": {**(timings or {}), **outcome.timings, "recorded_at": time.time()},
+            }
+            if outcome.ok:
+                changes = {**fields, "state": JobState.COMPLETED.value, "result_json": json.dumps(outcome.result),
+                           "error": None}
+                settlements.append(Settlement(job, changes, None, Decision(False)))
+            else:
+                settlements.append(self._failure(job, outcome.error, fields))
+        return self._settle(settlements)
+
+    def fail(self, job: dict, error: dict, fields: dict) -> Decision:
         """Retry the job after a failed attempt, or mark it failed when that was the last."""
-        decision = decide_after_failure(attempt, job["retries"] + 1, ErrorType(error["type"]), self.settings)
+        return self._settle([self._failure(job, error, fields)])[0]
+
+    def _failure(self, job: dict, error: dict, fields: dict) -> Settlement:
+        decision = decide_after_failure(job["attempts"], job["retries"] + 1, ErrorType(error["type"]), self.settings)
         if decision.retry:
             retry_at = utcnow() + timedelta(seconds=decision.delay_s)
             changes = {**fields, "state": JobState.SUBMITTED.value, "error": error, "worker": None,
                        "retry_at": retry_at, "finished_at": None}
         else:
             changes = {**fields, "state": JobState.FAILED.value, "error": error}
-        if self._settle(job, attempt, changes, {**error, "at": utcnow()}) and decision.retry:
-            self.store.schedule_retry(job["_id"], attempt, job["timeout_s"], changes["retry_at"])
-        return decision
+        return Settlement(job, changes, {**error, "at": utcnow()}, decision)
 
     def enqueue_due_retries(self, limit: int = 1000) -> int:
         """Enqueue the jobs whose retry time has come; returns how many.
@@ -131,7 +176,9 @@ class Lifecycle:
             if not self.store.take_retry(job_id, attempts, self.owner):
                 continue
             try:
-                self.queue.enqueue(job_id, retry["timeout_s"], attempts)
+                job = self.store.get(job_id)
+                if job is not None:
+                    self.queue.enqueue(job, attempts)
             except Exception:
                 self.store.release_retry(job_id, attempts)
                 raise
@@ -139,13 +186,31 @@ class Lifecycle:
             count += 1
         return count
 
-    def _settle(self, job: dict, attempt: int, changes: dict, error: dict | None = None) -> bool:
-        if not self.store.settle(job["_id"], attempt, changes, error, self.owner):
-            log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
-                        job["_id"], attempt)
-            return False
-        self.store.drop_lease(job["_id"], attempt)
-        return True
+    def _settle(self, settlements: list[Settlement]) -> list[Decision]:
+        """Write the settle events; then retries, leases and announcements for those that won.
+
+        An attempt somebody else settled first (a sweeper that gave up on this worker)
+        keeps that outcome: this one is discarded, logged, and its decision is no retry.
+        """
+        won = self.store.settle_many([(s.job["_id"], s.job["attempts"], s.changes, s.error)
+                                      for s in settlements], self.owner)
+        decisions = []
+        for settlement, ok in zip(settlements, won):
+            job = settlement.job
+            if not ok:
+                log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
+                            job["_id"], job["attempts"])
+                decisions.append(Decision(False))
+                continue
+            if settlement.decision.retry:
+                self.store.schedule_retry(job["_id"], job["attempts"], settlement.changes["retry_at"])
+            decisions.append(settlement.decision)
+        self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
+        try:
+            self.queue.announce_settled([s.job["_id"] for s, ok in zip(settlements, won) if ok])
+        except DependencyDown as e:  # the record is written; waiters fall back to reading it
+            log.warning("could not announce recorded attempts (%s)", e)
+        return decisions
 
     def reopen(self, job_id: str) -> dict:
         """Run a failed job again as a new attempt (dead letters); earlier errors are kept.
@@ -157,12 +222,24 @@ class Lifecycle:
             raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
         if job["state"] != JobState.FAILED.value:
             raise BadRequest(f"Job {job_id} is {job['state']}; only failed jobs can be retried.", 409)
-        if not self.store.reopen(job_id, job["attempts"], self.owner):
+        if not self.store.reopen(job_id, job["attempts"], self.owner, utcnow()):
             raise BadRequest(f"Job {job_id} is already being retried.", 409)
-        self.queue.enqueue(job_id, job["timeout_s"], job["attempts"])
-        return self.store.get(job_id)
+        job = self.store.get(job_id)
+        self.queue.enqueue(job, job["attempts"])
+        return job
 
-    def lose(self, job: dict, why: str) -> Decision:
-        """Recover the attempt of a worker that is gone: retry it or fail it as worker_lost."""
+    def lose(self, lease: dict, why: str) -> tuple[dict, Decision] | None:
+        """Recover the attempt a gone worker held (its lease): retry it or fail it as worker_lost.
+
+        Returns the job and what was decided, or None when the job had already ended
+        (the worker died after recording, before dropping its lease).
+        """
+        job = self.store.get(lease["job_id"])
+        if job is None or job["attempts"] > lease["attempt"] or JobState(job["state"]).is_terminal:
+            self.store.drop_leases([(lease["job_id"], lease["attempt"])])
+            return None
+        job = {**job, "attempts": lease["attempt"]}  # the attempt's own event fences the settle
         error = failed(ErrorType.WORKER_LOST, why)
-        return self.fail(job, job["attempts"], error, {"finished_at": utcnow()})
+        decision = self.fail(job, error, {"finished_at": utcnow(), "worker": lease["worker"],
+                                          "started_at": lease.get("started_at")})
+        return job, decision

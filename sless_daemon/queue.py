@@ -1,13 +1,17 @@
-"""The transport: an RQ queue in Redis carrying job ids to workers.
+"""The transport: an RQ queue in Redis carrying jobs to workers, and word of their ends.
 
-Only the job id and its timeout travel through Redis, as JSON (RQ's JSONSerializer):
-MongoDB holds the job itself. RQ keeps no results (`result_ttl=0`): outcomes live
-in MongoDB.
+Each message carries what a worker needs to run one attempt (the job's code, input,
+limits and the attempt's number), as JSON (RQ's JSONSerializer), so a worker starts
+without reading MongoDB; MongoDB keeps the record. RQ keeps no results
+(`result_ttl=0`): outcomes live in MongoDB. After an attempt is recorded, its job id
+is pushed on a short-lived list, so whoever waits for the job (`POST /execute`)
+wakes at once instead of polling MongoDB.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from datetime import datetime, timezone
 
 import redis
@@ -17,6 +21,8 @@ from rq.serializers import JSONSerializer
 from .errors import DependencyDown
 
 REDIS = "Redis"
+SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
+SETTLED_TTL_S = 300
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
 # RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
 # and RQ's alarm would cut short a worker that keeps a finished outcome while MongoDB is away.
@@ -74,18 +80,38 @@ class JobQueue:
         return self.rq_queue.name
 
     @redis_call
-    def enqueue(self, job_id: str, timeout_s: float, attempts: int) -> None:
-        """Hand a job to the workers now, for its attempt after `attempts`.
+    def enqueue(self, job: dict, attempts: int) -> None:
+        """Hand a job (as stored: `_id`, code, input_json, ...) to the workers now, for its
+        attempt after `attempts`.
 
         The RQ job id names the job and that attempt, so a sweeper can ask Redis
         whether the message still exists (`missing`). Delayed retries wait in
         MongoDB, not here.
         """
+        message = {"job_id": job["_id"], "attempt": attempts + 1, "code": job["code"],
+                   "input_json": job["input_json"], "entry": job.get("entry"), "limits": job["limits"],
+                   "retries": job["retries"], "timeout_s": job["timeout_s"], "enqueued_at": time.time()}
         self.rq_queue.enqueue(
-            RUN_JOB, args=(job_id, timeout_s), job_id=message_id(job_id, attempts),
+            RUN_JOB, args=(message,), job_id=message_id(job["_id"], attempts),
             job_timeout=-1, result_ttl=0, failure_ttl=24 * 3600,
-            description=f"sless job {job_id}",
+            description=f"sless job {job['_id']}",
         )
+
+    @redis_call
+    def announce_settled(self, job_ids: list[str]) -> None:
+        """Wake whoever waits for these jobs: an attempt of each was just recorded."""
+        if not job_ids:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.rpush(SETTLED_KEY + job_id, 1)
+                pipe.expire(SETTLED_KEY + job_id, SETTLED_TTL_S)
+            pipe.execute()
+
+    @redis_call
+    def wait_settled(self, job_id: str, timeout_s: float) -> bool:
+        """Block until an attempt of the job is recorded (True) or `timeout_s` passes."""
+        return self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s)) is not None
 
     @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:

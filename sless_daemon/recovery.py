@@ -84,14 +84,13 @@ class Recovery:
         """Settle attempts whose lease expired as lost."""
         count = 0
         for lease in self.store.expired_leases(utcnow()):
-            job = self.store.get(lease["job_id"])
-            if job and job["state"] == "running" and job["attempts"] == lease["attempt"]:
-                decision = self.lifecycle.lose(job, f"worker {lease['worker']} stopped renewing its lease")
+            lost = self.lifecycle.lose(lease, f"worker {lease['worker']} stopped renewing its lease")
+            if lost:
+                job, decision = lost
                 log.warning("job %s: worker %s lost (lease expired); %s", job["_id"], lease["worker"],
                             "retry scheduled" if decision.retry else "failed: no retries left",
                             extra={"job_id": job["_id"], "worker": lease["worker"]})
                 count += 1
-            self.store.drop_lease(lease["job_id"], lease["attempt"])
         return count
 
     def requeue_orphans(self) -> int:
@@ -102,8 +101,8 @@ class Recovery:
             return 0
         lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting], settings.lease_s)
         for index in lost:
-            job = waiting[index]
-            self.lifecycle.queue.enqueue(job["_id"], job["timeout_s"], job["attempts"])
+            job = self.store.get(waiting[index]["_id"])  # with its code and input, for the message
+            self.lifecycle.queue.enqueue(job, job["attempts"])
             log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
                         extra={"job_id": job["_id"]})
         return len(lost)

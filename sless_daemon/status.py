@@ -25,6 +25,7 @@ def status_document(job: dict) -> dict:
         "retry_at": iso(job.get("retry_at")),
         "worker": job.get("worker"),
         "limits": {**job.get("limits", {}), "retries": job.get("retries")},
+        "timings": job.get("timings"),  # epoch seconds of the last attempt's stages, as the worker saw them
     }
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
-import rq
-from rq.serializers import JSONSerializer
-
+from .consumer import Consumer
 from .errors import DependencyDown
 from .errors import SandboxUnavailable
 from .executor import Executor, become_subreaper
@@ -43,11 +43,11 @@ WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
 
 
-def run_job(job_id: str, timeout_s: float) -> None:
-    """RQ entry point: run the next attempt of one job."""
+def run_job(message: dict) -> None:
+    """The function RQ messages name (queue.RUN_JOB); the consumer calls the runner directly."""
     if _runner is None:
         raise RuntimeError("run_job called outside a sless worker process")
-    _runner.run(job_id, timeout_s)
+    _runner.run(message)
 
 
 def spec_from_job(job: dict) -> JobSpec:
@@ -63,23 +63,26 @@ class AttemptRunner:
         self.lifecycle = lifecycle
         self.executor = executor
         self.worker_name = worker_name
+        self.recorder = Recorder(self)
 
-    def run(self, job_id: str, timeout_s: float) -> None:
-        job = self.lifecycle.start(job_id)
+    def run(self, message: dict) -> None:
+        timings = {"enqueued_at": message.get("enqueued_at"), "dequeued_at": time.time()}
+        job_id = message["job_id"]
+        job = self.lifecycle.start(message)
         if job is None:
-            log.info("job %s is not waiting (cancelled, running elsewhere or finished); skipped", job_id,
-                     extra={"job_id": job_id})
+            log.info("job %s: attempt %d was taken before (a duplicate message); skipped", job_id,
+                     message["attempt"], extra={"job_id": job_id})
             return
+        timings["claimed_at"] = time.time()
         fields = {"job_id": job_id, "attempt": job["attempts"], "worker": self.worker_name}
         spec = spec_from_job(job)
         log.info("job %s started, attempt %d/%d, input %s", job_id, job["attempts"], spec.max_attempts,
                  summarize(spec.input), extra=fields)
         context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
-        with LeaseKeeper(self.lifecycle, job):
-            outcome = self.execute(spec, context)
-            decision = self.record(job, outcome)
-        log_outcome(job, outcome, decision, fields)
+        keeper = LeaseKeeper(self.lifecycle, job)
+        outcome = self.execute(spec, context)
+        self.recorder.submit(Finished(job, outcome, timings, fields, keeper))
         self.executor.prepare()
 
     def execute(self, spec: JobSpec, context: dict) -> AttemptOutcome:
@@ -90,21 +93,73 @@ class AttemptRunner:
             log.exception("job %s: the executor failed", context["job_id"], extra={"job_id": context["job_id"]})
             return AttemptOutcome(error=failed(ErrorType.CRASHED, f"The executor failed: {type(e).__name__}: {e}"))
 
-    def record(self, job: dict, outcome: AttemptOutcome):
-        """Write the outcome, retrying while MongoDB is away: a finished attempt is never dropped."""
+    def record(self, finished: list[Finished]):
+        """Write outcomes, retrying while MongoDB is away: a finished attempt is never dropped."""
         delay = WRITE_RETRY_FIRST_S
         while True:
             try:
-                return self.lifecycle.finish(job, outcome)
+                return self.lifecycle.finish_many([(f.job, f.outcome, f.timings) for f in finished])
             except DependencyDown as e:
-                log.warning("job %s: cannot record the outcome yet (%s); retrying in %.1f s", job["_id"], e, delay,
-                            extra={"job_id": job["_id"]})
+                log.warning("cannot record %d outcomes yet (%s); retrying in %.1f s", len(finished), e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX_S)
 
 
+@dataclass
+class Finished:
+    """An attempt that ended, waiting for its outcome to be written."""
+
+    job: dict
+    outcome: AttemptOutcome
+    timings: dict
+    fields: dict
+    keeper: LeaseKeeper
+
+
+class Recorder:
+    """Writes finished attempts' outcomes from a thread of its own, while the worker takes its
+    next job: the write is off the path from one job to the next.
+
+    An attempt keeps its lease, renewed, until its outcome is written. If the worker
+    dies with outcomes unwritten, the recovery sweep settles those attempts as lost and
+    they are retried, as if it had died while running them. At most MAX_PENDING wait;
+    `drain` waits for all of them (the worker is stopping).
+    """
+
+    MAX_PENDING = 4
+
+    def __init__(self, runner: AttemptRunner):
+        self.runner = runner
+        self.pending: queue.Queue[Finished] = queue.Queue(maxsize=self.MAX_PENDING)
+        threading.Thread(target=self.loop, name="recorder", daemon=True).start()
+
+    def submit(self, finished: Finished) -> None:
+        self.pending.put(finished)  # blocks while MAX_PENDING wait: MongoDB sets the pace
+
+    def drain(self) -> None:
+        self.pending.join()
+
+    def loop(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.MAX_PENDING:  # whatever else finished meanwhile: one insert for all
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for finished, decision in zip(batch, self.runner.record(batch)):
+                    log_outcome(finished.job, finished.outcome, decision, finished.fields)
+            except Exception:  # noqa: BLE001 - the leases will expire and the attempts be retried
+                log.exception("%d outcomes could not be recorded", len(batch))
+            finally:
+                for finished in batch:
+                    finished.keeper.close()
+                    self.pending.task_done()
+
+
 class LeaseKeeper:
-    """Renews a running attempt's lease from a thread while the attempt runs (the heartbeat).
+    """Renews a running attempt's lease from a thread until its outcome is written (the heartbeat).
 
     If this worker dies, nobody renews it and a recovery sweep on any host settles
     the attempt as lost within about one lease.
@@ -115,12 +170,9 @@ class LeaseKeeper:
         self.job = job
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.beat, name=f"lease-{job['_id']}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
         self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop.set()
         self.thread.join()
 
@@ -182,12 +234,13 @@ def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) 
     connection = connect_redis(settings.redis_url)
     _runner = build_runner(settings, name, connection, sandbox)
     _runner.executor.probe()
-    queue = JobQueue(connection, settings.queue_name)
-    worker = rq.SimpleWorker([queue.rq_queue], connection=connection, name=name, serializer=JSONSerializer)
+    _runner.executor.prepare()
+    consumer = Consumer(JobQueue(connection, settings.queue_name), name, _runner.run)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
     try:
-        worker.work(logging_level="WARNING")
+        consumer.work()
     finally:
+        _runner.recorder.drain()
         _runner.executor.close()
 
 

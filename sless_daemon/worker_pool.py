@@ -124,8 +124,11 @@ class WorkerPool:
         except DependencyDown as e:
             log.warning("cannot unregister worker %s: %s", slot.name, e)
         try:
-            for job in self.lifecycle.store.running_on(slot.name):
-                decision = self.lifecycle.lose(job, why)
+            for lease in self.lifecycle.store.leases_of(slot.name):
+                lost = self.lifecycle.lose(lease, why)
+                if lost is None:
+                    continue
+                job, decision = lost
                 log.warning("job %s lost with worker %s; %s", job["_id"], slot.name,
                             "retry scheduled" if decision.retry else "failed: no retries left",
                             extra={"job_id": job["_id"], "worker": slot.name})

@@ -127,6 +127,13 @@ class Stack:
     def mongo_jobs(self) -> pymongo.collection.Collection:
         return pymongo.MongoClient(self.env["SLESS_MONGO_URL"], serverSelectionTimeoutMS=3000)[self.db_name]["jobs"]
 
+    def records(self, job_ids: list[str]) -> list[dict]:
+        """The jobs as their record in MongoDB says now (state derived from their events)."""
+        from sless_daemon.store import OutcomeStore, connect_mongo
+
+        store = OutcomeStore(connect_mongo(self.env["SLESS_MONGO_URL"]), self.db_name)
+        return [store.get(job_id) for job_id in job_ids]
+
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.env["SLESS_REDIS_URL"])
 

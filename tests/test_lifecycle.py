@@ -11,11 +11,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+import rq
+from rq.serializers import JSONSerializer
 
 from sless_daemon.executor import AttemptOutcome, failed
 from sless_daemon.lifecycle import Lifecycle, utcnow
 from sless_daemon.limits import resolve
-from sless_daemon.queue import JobQueue, connect_redis
+from sless_daemon.queue import JobQueue, connect_redis, message_id
 from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
 from sless_daemon.states import ErrorType, JobState
@@ -37,9 +39,32 @@ def lifecycle():
     queue.rq_queue.empty()
 
 
-def test_indexes_for_state_and_time(lifecycle):
-    keys = [tuple(k for k, _ in index["key"]) for index in lifecycle.store.jobs.index_information().values()]
-    assert ("state", "submitted_at") in keys and ("submitted_at",) in keys and ("worker",) in keys
+def message(lifecycle: Lifecycle, job_id: str, attempts: int = 0) -> dict:
+    """The queue message for the attempt after `attempts`, as a worker would receive it."""
+    job = rq.job.Job.fetch(message_id(job_id, attempts), connection=lifecycle.queue.connection,
+                           serializer=JSONSerializer)
+    return job.args[0]
+
+
+def lease_of(lifecycle: Lifecycle, worker: str) -> dict:
+    [lease] = lifecycle.store.leases_of(worker)
+    return lease
+
+
+def test_indexes_for_time_events_and_sweeps(lifecycle):
+    def keys(collection):
+        return [tuple(k for k, _ in index["key"]) for index in collection.index_information().values()]
+
+    store = lifecycle.store
+    assert ("submitted_at",) in keys(store.jobs) and ("job_id",) in keys(store.events)
+    assert ("until",) in keys(store.leases) and ("worker",) in keys(store.leases) and ("at",) in keys(store.retries)
+
+
+def test_the_message_carries_the_attempt(lifecycle):
+    job_id = lifecycle.accept(SPEC)
+    sent = message(lifecycle, job_id)
+    assert sent["job_id"] == job_id and sent["attempt"] == 1 and sent["code"] == SPEC.code
+    assert sent["input_json"] == '{"n": 1}' and sent["limits"] == SPEC.limits.to_dict() and sent["retries"] == 1
 
 
 def test_accept_records_then_enqueues(lifecycle):
@@ -50,11 +75,14 @@ def test_accept_records_then_enqueues(lifecycle):
 
 def test_a_redelivered_job_is_claimed_once(lifecycle):
     job_id = lifecycle.accept(SPEC)
-    first = lifecycle.start(job_id)
-    assert first["attempts"] == 1 and first["state"] == "running"
-    assert other_worker(lifecycle).start(job_id) is None
+    sent = message(lifecycle, job_id)
+    first = lifecycle.start(sent)
+    assert first["attempts"] == 1 and lifecycle.store.get(job_id)["state"] == "running"
+    assert other_worker(lifecycle).start(sent) is None
     lifecycle.finish(first, AttemptOutcome(result=5, duration_ms=1.0))
-    assert other_worker(lifecycle).start(job_id) is None
+    late = other_worker(lifecycle).start(sent)  # a duplicate after the end may run again, but
+    assert not other_worker(lifecycle).finish(late, AttemptOutcome(result=6, duration_ms=1.0)).retry
+    assert lifecycle.store.leases.count_documents({}) == 0
     doc = lifecycle.store.get(job_id)
     assert doc["state"] == "completed" and doc["attempts"] == 1 and doc["result_json"] == "5"
 
@@ -62,10 +90,10 @@ def test_a_redelivered_job_is_claimed_once(lifecycle):
 def test_a_stale_attempt_cannot_overwrite_a_newer_one(lifecycle):
     job_id = lifecycle.accept(SPEC)
     old_worker, sweeper, new_worker = (other_worker(lifecycle, name) for name in ("w1", "sweeper", "w2"))
-    stale = old_worker.start(job_id)
-    sweeper.lose(stale, "worker w1 vanished")  # given up on: back to waiting, retry due now
+    stale = old_worker.start(message(lifecycle, job_id))
+    sweeper.lose(lease_of(lifecycle, "w1"), "worker w1 vanished")  # given up on: back to waiting, retry due now
     assert sweeper.enqueue_due_retries() == 1
-    fresh = new_worker.start(job_id)
+    fresh = new_worker.start(message(lifecycle, job_id, 1))
     assert fresh["attempts"] == 2
     old_worker.finish(stale, AttemptOutcome(result="stale", duration_ms=1.0))  # the old worker comes back
     new_worker.finish(fresh, AttemptOutcome(result="fresh", duration_ms=1.0))
@@ -77,11 +105,12 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(lifecycle):
 def test_failed_attempts_retry_then_fail_for_good(lifecycle):
     job_id = lifecycle.accept(SPEC)
     error = failed(ErrorType.EXCEPTION, "ValueError: x")
-    decision = lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=error, duration_ms=1.0))
+    decision = lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=error, duration_ms=1.0))
     assert decision.retry
     assert lifecycle.store.get(job_id)["state"] == JobState.SUBMITTED
     lifecycle.enqueue_due_retries()
-    decision = lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=error, duration_ms=1.0))
+    decision = lifecycle.finish(lifecycle.start(message(lifecycle, job_id, 1)),
+                                AttemptOutcome(error=error, duration_ms=1.0))
     assert not decision.retry
     doc = lifecycle.store.get(job_id)
     assert doc["state"] == "failed" and doc["attempts"] == 2 and len(doc["attempt_errors"]) == 2
@@ -91,8 +120,9 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
     ids = []
     for _ in range(20):
         job_id = lifecycle.accept(SPEC)
+        lifecycle.start(message(lifecycle, job_id))
         lifecycle.queue.rq_queue.empty()
-        lifecycle.lose(lifecycle.start(job_id), "gone")
+        lifecycle.lose(lease_of(lifecycle, "test"), "gone")
         ids.append(job_id)
     counts = []
     sweepers = [other_worker(lifecycle, f"sweeper{i}") for i in range(4)]
@@ -106,37 +136,47 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
 
 def test_a_retry_waits_for_its_time(lifecycle):
     job_id = lifecycle.accept(SPEC)
-    lifecycle.finish(lifecycle.start(job_id), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
+    lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
     later = utcnow() + timedelta(hours=1)
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"retry_at": later}})
     lifecycle.store.retries.update_many({}, {"$set": {"at": later}})
     assert lifecycle.enqueue_due_retries() == 0
-    assert lifecycle.start(job_id) is None  # a message that arrives early does not start it either
+    lifecycle.store.retries.update_many({}, {"$set": {"at": utcnow()}})
+    assert lifecycle.enqueue_due_retries() == 1
 
 
 def test_settling_is_reentrant_for_its_owner(lifecycle):
     """A worker whose outcome write failed half-way can write it again."""
     job_id = lifecycle.accept(SPEC)
-    job = lifecycle.start(job_id)
+    job = lifecycle.start(message(lifecycle, job_id))
     assert lifecycle.store.settle(job_id, 1, {"state": "completed", "result_json": "1"}, None, "test")
     assert lifecycle.store.settle(job_id, 1, {"state": "completed", "result_json": "1"}, None, "test")
     assert not lifecycle.store.settle(job_id, 1, {"state": "failed"}, None, "someone-else")
     assert lifecycle.store.get(job_id)["state"] == "completed" and job["attempts"] == 1
 
 
-def test_a_settle_cut_short_is_finished_by_the_recovery_sweep(lifecycle):
-    """The worker won the settle guard and died before updating the job: the sweep completes it."""
+def test_a_worker_that_died_after_recording_leaves_the_outcome_alone(lifecycle):
+    """The worker recorded its outcome and died before dropping its lease: the sweep only drops it."""
     from sless_daemon.recovery import Recovery
-    from sless_daemon.store import guard_key
 
     job_id = lifecycle.accept(SPEC)
-    lifecycle.start(job_id)
-    lifecycle.store.guards.insert_one({"_id": guard_key(job_id, 1, "settle"), "owner": "dead-worker",
-                                       "changes": {"state": "completed", "result_json": "7"}, "error": None})
+    lifecycle.start(message(lifecycle, job_id))
+    assert lifecycle.store.settle(job_id, 1, {"state": "completed", "result_json": "7"}, None, "test")
+    lifecycle.store.leases.update_many({}, {"$set": {"until": utcnow() - timedelta(seconds=1)}})
+    assert Recovery(other_worker(lifecycle, "sweeper")).sweep()["lost"] == 0
+    doc = lifecycle.store.get(job_id)
+    assert doc["state"] == "completed" and doc["result_json"] == "7" and doc["attempt_errors"] == []
+    assert lifecycle.store.leases.count_documents({}) == 0
+
+
+def test_an_expired_lease_is_settled_as_lost_and_retried(lifecycle):
+    from sless_daemon.recovery import Recovery
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.start(message(lifecycle, job_id))
     lifecycle.store.leases.update_many({}, {"$set": {"until": utcnow() - timedelta(seconds=1)}})
     assert Recovery(other_worker(lifecycle, "sweeper")).sweep()["lost"] == 1
     doc = lifecycle.store.get(job_id)
-    assert doc["state"] == "completed" and doc["result_json"] == "7" and doc["attempt_errors"] == []
+    assert doc["state"] == "submitted" and [e["type"] for e in doc["attempt_errors"]] == ["worker_lost"]
 
 
 def test_a_lost_message_is_enqueued_again(lifecycle):
@@ -158,11 +198,12 @@ def other_worker(lifecycle: Lifecycle, name: str = "w2") -> Lifecycle:
 
 def test_concurrent_workers_claim_each_attempt_once(lifecycle):
     ids = [lifecycle.accept(SPEC) for _ in range(30)]
+    sent_messages = [message(lifecycle, job_id) for job_id in ids]
     wins: list[str] = []
     workers = [other_worker(lifecycle, f"w{i}") for i in range(4)]
 
     def claim_all(worker: Lifecycle) -> None:
-        wins.extend(job_id for job_id in ids if worker.start(job_id) is not None)
+        wins.extend(sent["job_id"] for sent in sent_messages if worker.start(sent) is not None)
 
     threads = [threading.Thread(target=claim_all, args=(w,)) for w in workers]
     for t in threads:
@@ -170,3 +211,17 @@ def test_concurrent_workers_claim_each_attempt_once(lifecycle):
     for t in threads:
         t.join()
     assert sorted(wins) == sorted(ids)
+
+
+def test_outcomes_recorded_together_each_win_or_lose_on_their_own(lifecycle):
+    """The recorder writes several outcomes in one insert; one settled elsewhere does not sink the rest."""
+    ids = [lifecycle.accept(SPEC) for _ in range(3)]
+    jobs = [lifecycle.start(message(lifecycle, job_id)) for job_id in ids]
+    assert other_worker(lifecycle, "sweeper").store.settle(ids[1], 1, {"state": "failed"}, None, "sweeper")
+    decisions = lifecycle.finish_many([(job, AttemptOutcome(result=i, duration_ms=1.0), None)
+                                       for i, job in enumerate(jobs)])
+    assert [d.retry for d in decisions] == [False, False, False]
+    docs = [lifecycle.store.get(job_id) for job_id in ids]
+    assert [d["state"] for d in docs] == ["completed", "failed", "completed"]
+    assert docs[0]["result_json"] == "0" and docs[2]["result_json"] == "2"
+    assert lifecycle.store.leases.count_documents({}) == 0

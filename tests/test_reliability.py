@@ -22,20 +22,23 @@ SHORT_JOB = "import time\ntime.sleep(0.05)\nreturn input"
 
 
 def all_terminal(stack: Stack, job_ids: list[str], timeout_s: float = 90) -> list[dict]:
-    """Wait until every job is completed or failed; return their documents from MongoDB."""
-    jobs = stack.mongo_jobs()
+    """Wait until every job is completed or failed; return their records from MongoDB."""
+    docs: list[dict] = []
 
     def done() -> bool:
-        return jobs.count_documents({"_id": {"$in": job_ids}, "state": {"$in": ["completed", "failed"]}}) == len(job_ids)
+        nonlocal docs
+        docs = stack.records(job_ids)
+        return all(d and d["state"] in ("completed", "failed") for d in docs)
 
     try:
         wait_until(done, timeout_s, "jobs did not all finish", interval_s=0.25)
     finally:
         states = {}
-        for doc in jobs.find({"_id": {"$in": job_ids}}, {"state": 1}):
-            states[doc["state"]] = states.get(doc["state"], 0) + 1
+        for doc in docs:
+            state = doc["state"] if doc else "missing"
+            states[state] = states.get(state, 0) + 1
         print(f"states of {len(job_ids)} jobs: {states}")
-    return list(jobs.find({"_id": {"$in": job_ids}}))
+    return docs
 
 
 def submit_many(stack: Stack, count: int, accept_503: bool = False) -> tuple[list[str], int]:

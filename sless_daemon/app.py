@@ -22,6 +22,7 @@ from .settings import Settings
 from .spec import EXECUTE_FIELDS, number_field, parse_body, parse_job
 from .states import JobState
 from .status import status_document
+from .store import derive
 
 log = logging.getLogger("sless.daemon")
 
@@ -102,24 +103,34 @@ class Api:
         data = parse_body(read_body(bottle.request, self.settings.max_body_bytes))
         spec = parse_job({k: v for k, v in data.items() if k != "wait_s"}, self.settings, EXECUTE_FIELDS)
         wait_s = number_field(data, "wait_s", spec.timeout_s + self.settings.execute_margin_s, 0, MAX_WAIT_S)
-        job_id = self.lifecycle.accept(spec)
-        job = self.wait_for_end(job_id, wait_s)
+        submitted = self.lifecycle.accept_document(spec)
+        job_id = submitted["_id"]
+        job = self.wait_for_end(submitted, wait_s)
         if job is None:
             return json_response(503, {"jobId": job_id, "error": "The job was accepted, but MongoDB stopped answering "
                                        "while waiting for it; poll GET /status/<jobId>."})
         return json_response(200 if JobState(job["state"]).is_terminal else 202, status_document(job))
 
-    def wait_for_end(self, job_id: str, wait_s: float) -> dict | None:
-        """Read the record whenever an attempt is announced (queue.announce_settled) until the
-        job is terminal or `wait_s` passes; return the last read. Without Redis, it polls."""
+    def wait_for_end(self, submitted: dict, wait_s: float) -> dict | None:
+        """Wait for the job's attempts to be announced (queue.announce_settled) until it is
+        terminal or `wait_s` passes; return the job as last seen. Without Redis, it polls.
+
+        A first attempt's settle event completes the document just submitted, so the
+        answer needs no read of MongoDB (the event was written there before it was
+        announced); a job with earlier attempts is read back for their errors.
+        """
+        job_id = submitted["_id"]
         deadline = time.monotonic() + wait_s
         job = None
         while True:
             remaining = deadline - time.monotonic()
             try:
-                self.lifecycle.queue.wait_settled(job_id, min(max(remaining, 0.0), WAKE_CHECK_S))
+                event = self.lifecycle.queue.wait_settled(job_id, min(max(remaining, 0.0), WAKE_CHECK_S))
             except DependencyDown:
+                event = None
                 time.sleep(min(max(remaining, 0.0), 0.1))
+            if event and event["attempt"] == 1 and JobState(event["state"]).is_terminal:
+                return derive(submitted, [event], [])
             try:
                 job = self.store.get(job_id)
             except DependencyDown:

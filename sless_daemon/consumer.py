@@ -11,8 +11,9 @@ reads RQ's, so this loop uses RQ for what it needs only:
 - it takes messages with RQ's `Queue.dequeue_any` (a blocking pop, then the job hash);
 - it marks a message `started` before running it, so the orphan scan can tell a
   message taken by a worker that died before claiming it (`JobQueue.missing`);
-- it deletes the message once handled: from then on the attempt's lease, or its
-  settle event, is what counts.
+- it marks a handled message `finished` (`failed` when handling raised, so the
+  orphan scan re-sends it) and lets Redis expire it: from then on the attempt's
+  lease, or its settle event, is what counts.
 
 SIGTERM or SIGINT lets the running job finish, then the loop ends (a warm shutdown).
 """
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEQUEUE_WAIT_S = 1  # how long one blocking pop waits: the loop sees a stop request this often
 HEARTBEAT_S = 30.0
 REDIS_RETRY_S = 1.0
+HANDLED_TTL_S = 600  # a handled message stays this long, so the orphan scan can tell it was handled
 
 
 class Consumer:
@@ -85,13 +87,14 @@ class Consumer:
         if found is None:
             return
         message, _ = found
-        self._mark_started(message)
+        self._mark(message, "started", started_at=utcformat(now()), worker_name=self.worker.name)
         try:
             self.handle(message.args[0])
         except Exception:  # noqa: BLE001 - a bad message must not stop the loop; the sweep re-sends what waits
             log.exception("message %s could not be handled", message.id)
-        finally:
-            self._delete(message)
+            self._mark(message, "failed", expire_s=HANDLED_TTL_S)
+        else:
+            self._mark(message, "finished", expire_s=HANDLED_TTL_S)
 
     def keep_registered(self) -> None:
         while not self.stopping.wait(HEARTBEAT_S):
@@ -100,15 +103,12 @@ class Consumer:
             except redis.RedisError as e:
                 log.warning("heartbeat to Redis failed: %s", e)
 
-    def _mark_started(self, message: rq.job.Job) -> None:
+    def _mark(self, message: rq.job.Job, status: str, expire_s: int | None = None, **fields) -> None:
         try:
-            self.connection.hset(message.key, mapping={"status": "started", "started_at": utcformat(now()),
-                                                       "worker_name": self.worker.name})
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.hset(message.key, mapping={"status": status, **fields})
+                if expire_s:
+                    pipe.expire(message.key, expire_s)
+                pipe.execute()
         except redis.RedisError as e:
-            log.warning("could not mark message %s started: %s", message.id, e)
-
-    def _delete(self, message: rq.job.Job) -> None:
-        try:
-            self.connection.delete(message.key)
-        except redis.RedisError as e:
-            log.warning("could not delete message %s: %s", message.id, e)
+            log.warning("could not mark message %s %s: %s", message.id, status, e)

@@ -101,9 +101,11 @@ class Executor:
         return AttemptOutcome(result, error, capture.stdout.text(), stderr, round(duration_s * 1000, 3), timings)
 
     def prepare(self) -> None:
-        """Have the next attempt's sandbox ordered (and a fork server running), so the next
-        job need not wait for either (called while the worker is idle)."""
-        if self.spare is None:
+        """Have a fork server running and, unless SLESS_PREWARM_SANDBOX=0, the next attempt's
+        sandbox ordered, so the next job need not wait for either (called while idle)."""
+        if not self.settings.prewarm_sandbox:
+            self._ready_host()
+        elif self.spare is None:
             self.spare = self._order(self.default_limits)
 
     def probe(self) -> None:

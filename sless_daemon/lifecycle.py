@@ -20,7 +20,7 @@ from .queue import JobQueue
 from .settings import Settings
 from .spec import JobSpec
 from .states import ErrorType, JobState
-from .store import OutcomeStore
+from .store import OutcomeStore, settle_event
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,12 @@ class Lifecycle:
         self.owner = owner
 
     def accept(self, spec: JobSpec, stages: dict | None = None) -> str:
-        """Record then enqueue a new job; on any failure nothing is left behind.
+        """Record then enqueue a new job; returns its id (see `accept_document`)."""
+        return self.accept_document(spec, stages)["_id"]
+
+    def accept_document(self, spec: JobSpec, stages: dict | None = None) -> dict:
+        """Record then enqueue a new job; on any failure nothing is left behind. Returns
+        the recorded document.
 
         Raises DependencyDown naming MongoDB or Redis. The record goes first so a
         worker never runs a job MongoDB does not know. `stages` receives the seconds
@@ -89,7 +94,7 @@ class Lifecycle:
         stages = {} if stages is None else stages
         job_id = new_job_id()
         started = time.perf_counter()
-        self.store.insert(job_id, spec, utcnow())
+        job = self.store.insert(job_id, spec, utcnow())
         inserted = time.perf_counter()
         try:
             self.queue.enqueue(message_job(job_id, spec), 0)
@@ -97,7 +102,7 @@ class Lifecycle:
             self._forget(job_id)
             raise
         stages.update(insert=inserted - started, enqueue=time.perf_counter() - inserted)
-        return job_id
+        return job
 
     def _forget(self, job_id: str) -> None:
         try:
@@ -187,13 +192,17 @@ class Lifecycle:
         return count
 
     def _settle(self, settlements: list[Settlement]) -> list[Decision]:
-        """Write the settle events; then retries, leases and announcements for those that won.
+        """Write the settle events; then announce those that won, schedule their retries, drop the leases.
 
         An attempt somebody else settled first (a sweeper that gave up on this worker)
         keeps that outcome: this one is discarded, logged, and its decision is no retry.
         """
-        won = self.store.settle_many([(s.job["_id"], s.job["attempts"], s.changes, s.error)
-                                      for s in settlements], self.owner)
+        events = [settle_event(s.job["_id"], s.job["attempts"], s.changes, s.error, self.owner) for s in settlements]
+        won = self.store.settle_many(events, self.owner)
+        try:  # first: whoever waits for these jobs needs nothing below
+            self.queue.announce_settled([event for event, ok in zip(events, won) if ok])
+        except DependencyDown as e:  # the record is written; waiters fall back to reading it
+            log.warning("could not announce recorded attempts (%s)", e)
         decisions = []
         for settlement, ok in zip(settlements, won):
             job = settlement.job
@@ -206,10 +215,6 @@ class Lifecycle:
                 self.store.schedule_retry(job["_id"], job["attempts"], settlement.changes["retry_at"])
             decisions.append(settlement.decision)
         self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
-        try:
-            self.queue.announce_settled([s.job["_id"] for s, ok in zip(settlements, won) if ok])
-        except DependencyDown as e:  # the record is written; waiters fall back to reading it
-            log.warning("could not announce recorded attempts (%s)", e)
         return decisions
 
     def reopen(self, job_id: str) -> dict:

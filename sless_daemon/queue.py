@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 import redis
 import rq
+from bson import json_util
 from rq.serializers import JSONSerializer
 
 from .errors import DependencyDown
@@ -23,6 +24,7 @@ from .errors import DependencyDown
 REDIS = "Redis"
 SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
 SETTLED_TTL_S = 300
+EVENT_JSON = json_util.JSONOptions(tz_aware=True, tzinfo=timezone.utc)
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
 # RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
 # and RQ's alarm would cut short a worker that keeps a finished outcome while MongoDB is away.
@@ -46,7 +48,8 @@ def redis_call(method):
 
 
 def _will_start(status: bytes | None, started_at: bytes | None, now: datetime, grace_s: float) -> bool:
-    if status in (b"queued", b"scheduled", b"deferred"):
+    """Whether a message in this RQ status still leads to (or led to) the attempt being claimed."""
+    if status in (b"queued", b"scheduled", b"deferred", b"finished"):
         return True
     if status == b"started" and started_at:
         started = datetime.fromisoformat(started_at.decode().replace("Z", "+00:00"))
@@ -98,28 +101,31 @@ class JobQueue:
         )
 
     @redis_call
-    def announce_settled(self, job_ids: list[str]) -> None:
-        """Wake whoever waits for these jobs: an attempt of each was just recorded."""
-        if not job_ids:
+    def announce_settled(self, events: list[dict]) -> None:
+        """Wake whoever waits for these jobs with the settle events just recorded
+        (store.settle_event), so they need not read them back from MongoDB."""
+        if not events:
             return
         with self.connection.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.rpush(SETTLED_KEY + job_id, 1)
-                pipe.expire(SETTLED_KEY + job_id, SETTLED_TTL_S)
+            for event in events:
+                pipe.rpush(SETTLED_KEY + event["job_id"], json_util.dumps(event))
+                pipe.expire(SETTLED_KEY + event["job_id"], SETTLED_TTL_S)
             pipe.execute()
 
     @redis_call
-    def wait_settled(self, job_id: str, timeout_s: float) -> bool:
-        """Block until an attempt of the job is recorded (True) or `timeout_s` passes."""
-        return self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s)) is not None
+    def wait_settled(self, job_id: str, timeout_s: float) -> dict | None:
+        """Block until an attempt of the job is recorded (its settle event) or `timeout_s` passes."""
+        found = self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s))
+        return json_util.loads(found[1], json_options=EVENT_JSON) if found else None
 
     @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:
         """Indexes of the (job_id, attempts) pairs that no worker will start from Redis.
 
-        That is: no message (Redis lost it), a message RQ gave up on (failed, stopped),
-        or one a worker took more than `started_grace_s` ago without claiming the job
-        (the worker died between dequeue and claim).
+        That is: no message (Redis lost it), a message that failed (its worker could not
+        claim it), or one a worker took more than `started_grace_s` ago without
+        finishing with it (the worker died between dequeue and claim). A `finished`
+        message was handled: its attempt was claimed (or found taken).
         """
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id, attempts in jobs:

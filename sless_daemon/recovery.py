@@ -25,6 +25,7 @@ from datetime import timedelta
 
 from .errors import DependencyDown
 from .lifecycle import Lifecycle, utcnow
+from .states import JobState
 
 log = logging.getLogger("sless.recovery")
 MARKER_KEY = "sless:recovery:marker"
@@ -100,12 +101,17 @@ class Recovery:
         if not waiting:
             return 0
         lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting], settings.lease_s)
+        count = 0
         for index in lost:
-            job = self.store.get(waiting[index]["_id"])  # with its code and input, for the message
+            seen = waiting[index]
+            job = self.store.get(seen["_id"])  # now, and with its code and input for the message
+            if job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != seen["attempts"]:
+                continue  # it moved on since the scan: a worker took the message meanwhile
             self.lifecycle.queue.enqueue(job, job["attempts"])
             log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
                         extra={"job_id": job["_id"]})
-        return len(lost)
+            count += 1
+        return count
 
     def run_in_background(self, interval_s: float, stop: threading.Event) -> threading.Thread:
         """Sweep now and then every `interval_s` until `stop` is set (the daemon's way)."""

@@ -58,7 +58,7 @@ class Settings:
     max_retries: int = _setting(10, 0, 100, doc="largest per-job retries accepted")
     retry_backoff_s: float = _setting(1.0, 0, 3600, doc="first retry delay; doubles each attempt")
     max_retry_backoff_s: float = _setting(60.0, 0, 86400, doc="cap on the retry delay")
-    prewarm_sandbox: int = _setting(1, 0, 1, doc="1: start each worker's next sandbox before its job arrives")
+    prewarm_sandbox: int = _setting(1, 0, 1, doc="1: build each worker's next attempt sandbox before its job arrives")
     sandbox_python: str = _setting("", doc="interpreter inside the sandbox; empty: /usr/bin/python3, else this one")
     sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
     execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")

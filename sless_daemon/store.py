@@ -109,6 +109,14 @@ def derive(job: dict, events: list[dict], leases: list[dict]) -> dict:
     return now
 
 
+def settle_event(job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> dict:
+    """The event that ends an attempt: its state and retry time, the rest of its changes, its error."""
+    rest = {k: v for k, v in changes.items() if k not in ("state", "retry_at")}
+    return {"_id": guard_key(job_id, attempt, "settle"), "owner": owner, "job_id": job_id, "attempt": attempt,
+            "step": "settle", "state": changes["state"], "retry_at": changes.get("retry_at"), "changes": rest,
+            "error": error}
+
+
 class OutcomeStore:
     """Reads and writes job records; the only module that talks to MongoDB."""
 
@@ -131,13 +139,13 @@ class OutcomeStore:
         self.retries.create_index([("at", 1)])
 
     @mongo_call
-    def insert(self, job_id: str, spec: JobSpec, now: datetime) -> None:
-        """Record a new job, before it is enqueued."""
-        self.jobs.insert_one({
-            "_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
-            "timeout_s": spec.timeout_s, "limits": spec.limits.to_dict(), "retries": spec.retries,
-            "submitted_at": now,
-        })
+    def insert(self, job_id: str, spec: JobSpec, now: datetime) -> dict:
+        """Record a new job, before it is enqueued; returns the document."""
+        job = {"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
+               "timeout_s": spec.timeout_s, "limits": spec.limits.to_dict(), "retries": spec.retries,
+               "submitted_at": now}
+        self.jobs.insert_one(dict(job))  # a copy: pymongo adds nothing to ours
+        return job
 
     @mongo_call
     def delete(self, job_id: str) -> None:
@@ -209,23 +217,17 @@ class OutcomeStore:
         return list(self.leases.find({"worker": worker}))
 
     @mongo_call
-    def settle_many(self, settlements: list[tuple[str, int, dict, dict | None]], owner: str) -> list[bool]:
-        """End attempts, each `(job_id, attempt, changes, error)`, in one insert; for each,
-        False if somebody else settled it first.
+    def settle_many(self, events: list[dict], owner: str) -> list[bool]:
+        """End attempts with their settle events (`settle_event`), in one insert; for each,
+        False if somebody else settled that attempt first.
 
         Whoever settles an attempt first wins: the worker reporting its outcome, or a
         sweeper that found its worker gone; a stale attempt can never overwrite what a
         later attempt wrote, since every attempt has its own event. An owner that finds
         its own event (its earlier insert went through, the answer was lost) has won too.
         """
-        events = []
-        for job_id, attempt, changes, error in settlements:
-            rest = {k: v for k, v in changes.items() if k not in ("state", "retry_at")}
-            events.append({"_id": guard_key(job_id, attempt, "settle"), "owner": owner, "job_id": job_id,
-                           "attempt": attempt, "step": "settle", "state": changes["state"],
-                           "retry_at": changes.get("retry_at"), "changes": rest, "error": error})
         try:
-            self.events.insert_many(events, ordered=False)
+            self.events.insert_many([dict(event) for event in events], ordered=False)
             return [True] * len(events)
         except BulkWriteError as e:
             taken = {error["index"] for error in e.details.get("writeErrors", []) if error.get("code") == DUPLICATE_KEY}
@@ -236,7 +238,7 @@ class OutcomeStore:
 
     def settle(self, job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> bool:
         """End one attempt (see `settle_many`)."""
-        return self.settle_many([(job_id, attempt, changes, error)], owner)[0]
+        return self.settle_many([settle_event(job_id, attempt, changes, error, owner)], owner)[0]
 
     @mongo_call
     def drop_leases(self, attempts: list[tuple[str, int]]) -> None:

@@ -129,8 +129,8 @@ class Api:
             except DependencyDown:
                 event = None
                 time.sleep(min(max(remaining, 0.0), 0.1))
-            if event and event["attempt"] == 1 and JobState(event["state"]).is_terminal:
-                return derive(submitted, [event], [])
+            if event and "changes" in event and event["attempt"] == 1 and JobState(event["state"]).is_terminal:
+                return derive(submitted, [event], [])  # a whole event (a large one is announced without outcome)
             try:
                 job = self.store.get(job_id)
             except DependencyDown:

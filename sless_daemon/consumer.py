@@ -1,4 +1,4 @@
-"""The worker's loop over the RQ queue: take a message, run it, delete it; nothing else per job.
+"""The worker's loop over the RQ queue: take a message, run it, mark it handled; nothing else per job.
 
 RQ's own `SimpleWorker` keeps, per job, registries, a result or its deletion, counters
 and a heartbeat: measured with py-spy on a draining sless worker, that bookkeeping
@@ -8,9 +8,11 @@ reads RQ's, so this loop uses RQ for what it needs only:
 
 - it registers as an RQ worker and keeps its key alive from a thread, so `rq info`,
   `GET /health` and the pool see it;
-- it takes messages with RQ's `Queue.dequeue_any` (a blocking pop, then the job hash);
-- it marks a message `started` before running it, so the orphan scan can tell a
-  message taken by a worker that died before claiming it (`JobQueue.missing`);
+- it takes messages with RQ's `Queue.dequeue_any` (a blocking move into RQ's
+  intermediate list, then the job hash);
+- it marks a message `started` and takes it out of the intermediate list in one
+  round trip before running it; a message left `queued` in that list belongs to a
+  worker that died in between, and the orphan scan re-sends it (`JobQueue.missing`);
 - it marks a handled message `finished` (`failed` when handling raised, so the
   orphan scan re-sends it) and lets Redis expire it: from then on the attempt's
   lease, or its settle event, is what counts.
@@ -87,7 +89,8 @@ class Consumer:
         if found is None:
             return
         message, _ = found
-        self._mark(message, "started", started_at=utcformat(now()), worker_name=self.worker.name)
+        self._mark(message, "started", started_at=utcformat(now()), worker_name=self.worker.name,
+                   leave=self.queue.intermediate_key)
         try:
             self.handle(message.args[0])
         except Exception:  # noqa: BLE001 - a bad message must not stop the loop; the sweep re-sends what waits
@@ -103,12 +106,15 @@ class Consumer:
             except redis.RedisError as e:
                 log.warning("heartbeat to Redis failed: %s", e)
 
-    def _mark(self, message: rq.job.Job, status: str, expire_s: int | None = None, **fields) -> None:
+    def _mark(self, message: rq.job.Job, status: str, expire_s: int | None = None, leave: str | None = None,
+              **fields) -> None:
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 pipe.hset(message.key, mapping={"status": status, **fields})
                 if expire_s:
                     pipe.expire(message.key, expire_s)
+                if leave:
+                    pipe.lrem(leave, 1, message.id)
                 pipe.execute()
         except redis.RedisError as e:
             log.warning("could not mark message %s %s: %s", message.id, status, e)

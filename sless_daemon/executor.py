@@ -90,6 +90,9 @@ class Executor:
             ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
                                     deadline=started + spec.timeout_s)
             status, breaches = ordered.host.end()
+        except BaseException:
+            ordered.host.stop()  # its status is unread: it must not be taken for the next attempt's
+            raise
         finally:
             self._clean_up(ordered)
         duration_s = time.monotonic() - started

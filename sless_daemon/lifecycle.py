@@ -106,7 +106,7 @@ class Lifecycle:
 
     def _forget(self, job_id: str) -> None:
         try:
-            self.store.delete(job_id)
+            self.store.withdraw(job_id)
         except DependencyDown:
             log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
 
@@ -241,6 +241,11 @@ class Lifecycle:
         """
         job = self.store.get(lease["job_id"])
         if job is None or job["attempts"] > lease["attempt"] or JobState(job["state"]).is_terminal:
+            self.store.drop_leases([(lease["job_id"], lease["attempt"])])
+            return None
+        if job["attempts"] == lease["attempt"] and job["state"] == JobState.SUBMITTED.value and job["retry_at"]:
+            # settled as a retry, and its worker died before noting the retry: note it now
+            self.store.schedule_retry(job["_id"], lease["attempt"], job["retry_at"])
             self.store.drop_leases([(lease["job_id"], lease["attempt"])])
             return None
         job = {**job, "attempts": lease["attempt"]}  # the attempt's own event fences the settle

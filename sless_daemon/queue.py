@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from datetime import datetime, timezone
 
 import redis
 import rq
 from bson import json_util
+from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
 
 from .errors import DependencyDown
 
 REDIS = "Redis"
 SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
-SETTLED_TTL_S = 300
+SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody else reads it
+ANNOUNCED_EVENT_MAX_BYTES = 4096
 EVENT_JSON = json_util.JSONOptions(tz_aware=True, tzinfo=timezone.utc)
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
 # RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
@@ -103,12 +106,20 @@ class JobQueue:
     @redis_call
     def announce_settled(self, events: list[dict]) -> None:
         """Wake whoever waits for these jobs with the settle events just recorded
-        (store.settle_event), so they need not read them back from MongoDB."""
+        (store.settle_event), so they need not read them back from MongoDB.
+
+        An event larger than ANNOUNCED_EVENT_MAX_BYTES (a big result or output) is
+        announced without its outcome, and its waiter reads the record: every job is
+        announced, waited for or not, so the lists must stay small.
+        """
         if not events:
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.rpush(SETTLED_KEY + event["job_id"], json_util.dumps(event))
+                text = json_util.dumps(event)
+                if len(text) > ANNOUNCED_EVENT_MAX_BYTES:
+                    text = json_util.dumps({k: event[k] for k in ("job_id", "attempt", "state")})
+                pipe.rpush(SETTLED_KEY + event["job_id"], text)
                 pipe.expire(SETTLED_KEY + event["job_id"], SETTLED_TTL_S)
             pipe.execute()
 
@@ -117,6 +128,31 @@ class JobQueue:
         """Block until an attempt of the job is recorded (its settle event) or `timeout_s` passes."""
         found = self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s))
         return json_util.loads(found[1], json_options=EVENT_JSON) if found else None
+
+    @redis_call
+    def resend(self, job: dict, attempts: int) -> None:
+        """Enqueue again a message Redis lost or a worker dropped: the old hash, if any, may
+        carry the expiry of a handled message, and its id may sit in RQ's intermediate list."""
+        self.enqueue(job, attempts)
+        key = message_id(job["_id"], attempts)
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.persist(rq.job.Job.redis_job_namespace_prefix + key)
+            pipe.lrem(self.intermediate_key, 0, key)
+            pipe.execute()
+
+    @property
+    def intermediate_key(self) -> str:
+        """Where RQ's blocking pop (BLMOVE) parks a message until its worker takes it over."""
+        return IntermediateQueue(self.rq_queue.key, connection=self.connection).key
+
+    @redis_call
+    def marker(self, key: str) -> bytes:
+        """The value of a marker key, set now if Redis does not have it (recovery.redis_forgot)."""
+        value = self.connection.get(key)
+        if value is None:
+            self.connection.set(key, uuid.uuid4().hex, nx=True)
+            value = self.connection.get(key)
+        return value
 
     @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:
@@ -128,13 +164,16 @@ class JobQueue:
         message was handled: its attempt was claimed (or found taken).
         """
         with self.connection.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.intermediate_key, 0, -1)
             for job_id, attempts in jobs:
                 pipe.hmget(rq.job.Job.redis_job_namespace_prefix + message_id(job_id, attempts),
                            ["status", "started_at"])
-            found = pipe.execute()
+            parked, *found = pipe.execute()
+        parked = {p.decode() for p in parked}  # popped by a worker that never took them over: it died
         now = datetime.now(timezone.utc)
-        return [i for i, (status, started_at) in enumerate(found) if not _will_start(status, started_at, now,
-                                                                                     started_grace_s)]
+        return [i for i, ((status, started_at), (job_id, attempts)) in enumerate(zip(found, jobs))
+                if not _will_start(status, started_at, now, started_grace_s)
+                or (status == b"queued" and message_id(job_id, attempts) in parked)]
 
     @redis_call
     def depth(self) -> int:

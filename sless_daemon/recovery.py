@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from datetime import timedelta
 
 from .errors import DependencyDown
@@ -72,11 +71,7 @@ class Recovery:
         A marker key is kept in Redis; when it is gone, or another sweeper replaced it
         after finding it gone, Redis forgot what it held, messages included.
         """
-        connection = self.lifecycle.queue.connection
-        marker = connection.get(MARKER_KEY)
-        if marker is None:
-            connection.set(MARKER_KEY, uuid.uuid4().hex, nx=True)
-            marker = connection.get(MARKER_KEY)
+        marker = self.lifecycle.queue.marker(MARKER_KEY)
         forgot = marker != self.marker_seen
         self.marker_seen = marker
         return forgot
@@ -107,7 +102,7 @@ class Recovery:
             job = self.store.get(seen["_id"])  # now, and with its code and input for the message
             if job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != seen["attempts"]:
                 continue  # it moved on since the scan: a worker took the message meanwhile
-            self.lifecycle.queue.enqueue(job, job["attempts"])
+            self.lifecycle.queue.resend(job, job["attempts"])
             log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
                         extra={"job_id": job["_id"]})
             count += 1

@@ -3,9 +3,10 @@
 - `jobs`: one document per job, inserted at submit and never changed (code, input,
   limits, retries, submitted_at).
 - `events`: one document per step of an attempt, inserted once under a unique `_id`
-  `<job>/<attempt>/<step>`: `settle` (how it ended: completed, failed, or a retry at a
-  given time, with result, error and output), `enqueue` (a sweeper enqueued its
-  retry), `reopen` (a failed job retried by hand).
+  `<job>/<attempt>/<step>`: `claim` (a worker took it: a permanent fence against
+  running it twice), `settle` (how it ended: completed, failed, or a retry at a given
+  time, with result, error and output), `enqueue` (a sweeper enqueued its retry),
+  `reopen` (a failed job retried by hand).
 - `leases`: the attempts running now, one per attempt under a unique `_id`: inserting
   it is how a worker claims the attempt; its heartbeat renews it; it is dropped once
   the attempt is settled.
@@ -49,7 +50,7 @@ EVENT_SUMMARY = {"job_id": 1, "attempt": 1, "step": 1, "state": 1, "retry_at": 1
 
 
 def guard_key(job_id: str, attempt: int, step: str) -> str:
-    """The `_id` that only one process may insert: e.g. `<job>/2/claim`."""
+    """The `_id` that only one process may insert: e.g. `<job>/2/settle`."""
     return f"{job_id}/{attempt}/{step}"
 
 
@@ -148,11 +149,6 @@ class OutcomeStore:
         return job
 
     @mongo_call
-    def delete(self, job_id: str) -> None:
-        """Remove a job that was never acknowledged to its caller (enqueue failed)."""
-        self.jobs.delete_one({"_id": job_id})
-
-    @mongo_call
     def get(self, job_id: str) -> dict | None:
         """The job as of now (see `derive`), or None for an unknown id.
 
@@ -167,9 +163,11 @@ class OutcomeStore:
         events, attempt = [], 0
         while True:
             attempt += 1
+            # the lease first: it is dropped only after the settle event is written, so this
+            # order never sees an attempt that has neither while it has one or the other
+            lease = self.leases.find_one({"_id": guard_key(job_id, attempt, "lease")})
             settle = self.events.find_one({"_id": guard_key(job_id, attempt, "settle")})
             if settle is None:
-                lease = self.leases.find_one({"_id": guard_key(job_id, attempt, "lease")})
                 return derive(job, events, [lease] if lease else [])
             events.append(settle)
             if settle["state"] == JobState.COMPLETED.value:
@@ -182,19 +180,41 @@ class OutcomeStore:
 
     @mongo_call
     def claim(self, job_id: str, attempt: int, worker: str, now: datetime, lease_until: datetime) -> bool:
-        """Start attempt `attempt` of a job for `worker` by taking its lease; False if another
-        worker holds it.
+        """Start attempt `attempt` of a job for `worker`; False if it was taken before.
 
-        If this worker dies at any point from here on, the recovery sweep finds the lease
-        expire and settles the attempt as lost. Once the attempt is settled its event
-        fences it: a duplicate message that runs it again cannot change its outcome.
+        The lease goes first, so a running attempt always has one: if this worker dies
+        at any point from here on, the recovery sweep finds the lease expire and settles
+        the attempt as lost. The claim event is permanent and strict (not even the same
+        worker may take it twice), so a duplicate message for an attempt that already
+        ran, or one withdrawn (`withdraw`), cannot run it again.
         """
+        lease = guard_key(job_id, attempt, "lease")
         try:
-            self.leases.insert_one({"_id": guard_key(job_id, attempt, "lease"), "job_id": job_id, "attempt": attempt,
-                                    "worker": worker, "until": lease_until, "started_at": now})
+            self.leases.insert_one({"_id": lease, "job_id": job_id, "attempt": attempt, "worker": worker,
+                                    "until": lease_until, "started_at": now})
         except DuplicateKeyError:
+            return False  # running elsewhere now
+        try:
+            self.events.insert_one({"_id": guard_key(job_id, attempt, "claim"), "job_id": job_id,
+                                    "attempt": attempt, "step": "claim", "owner": worker, "at": now})
+        except DuplicateKeyError:
+            self.leases.delete_one({"_id": lease})
             return False
         return True
+
+    @mongo_call
+    def withdraw(self, job_id: str) -> None:
+        """Remove a job that was never acknowledged to its caller (its enqueue failed).
+
+        Its first attempt is claimed for nobody first: if the message reached Redis after
+        all (the answer was lost), no worker can run it.
+        """
+        try:
+            self.events.insert_one({"_id": guard_key(job_id, 1, "claim"), "job_id": job_id, "attempt": 1,
+                                    "step": "claim", "owner": "(withdrawn)"})
+        except DuplicateKeyError:
+            pass
+        self.jobs.delete_one({"_id": job_id})
 
     @mongo_call
     def renew_lease(self, job_id: str, attempt: int, worker: str, until: datetime) -> None:
@@ -251,9 +271,14 @@ class OutcomeStore:
 
     @mongo_call
     def reopen(self, job_id: str, attempts: int, owner: str, now: datetime) -> bool:
-        """Make a failed job wait for one more attempt (a manual retry); False if another won."""
-        return self._take(guard_key(job_id, attempts, "reopen"), owner, job_id=job_id, attempt=attempts,
-                          step="reopen", retries=attempts, at=now)
+        """Make a failed job wait for one more attempt (a manual retry); False if it was reopened
+        before (strict: a second request from the same daemon gets False too)."""
+        try:
+            self.events.insert_one({"_id": guard_key(job_id, attempts, "reopen"), "owner": owner, "job_id": job_id,
+                                    "attempt": attempts, "step": "reopen", "retries": attempts, "at": now})
+            return True
+        except DuplicateKeyError:
+            return False
 
     @mongo_call
     def schedule_retry(self, job_id: str, attempts: int, at: datetime) -> None:
@@ -304,12 +329,12 @@ class OutcomeStore:
         Without `full`, events are read without their outcome (no result, output or
         times): enough for states and attempts.
         """
+        leases: dict[str, list[dict]] = {}
+        for lease in self.leases.find({}):  # before the events, as in `get`
+            leases.setdefault(lease["job_id"], []).append(lease)
         events: dict[str, list[dict]] = {}
         for event in self.events.find({}, None if full else EVENT_SUMMARY):
             events.setdefault(event["job_id"], []).append(event)
-        leases: dict[str, list[dict]] = {}
-        for lease in self.leases.find({}):
-            leases.setdefault(lease["job_id"], []).append(lease)
         return [derive(job, events.get(job["_id"], []), leases.get(job["_id"], []))
                 for job in self.jobs.find({}, {"code": 0, "input_json": 0})]
 

@@ -223,3 +223,11 @@ def test_cli_retry(stack):
     stack.wait_terminal(ok_id)
     conflict = stack.cli("retry", ok_id)
     assert conflict.returncode == 12 and "only failed jobs" in conflict.stderr
+
+
+def test_execute_answers_a_large_outcome_from_the_record(stack):
+    """Large outcomes are announced without their output: /execute reads them back."""
+    answer = stack.post("/execute", {"code": "print('y' * 20000)\nreturn 'x' * 10000"})
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    assert doc["result"] == "x" * 10000 and doc["stdout"] == "y" * 20000 + "\n"

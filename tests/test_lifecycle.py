@@ -6,6 +6,7 @@ attempt cannot write, a due retry is enqueued once however many sweepers run.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from datetime import timedelta
@@ -14,6 +15,7 @@ import pytest
 import rq
 from rq.serializers import JSONSerializer
 
+from sless_daemon.errors import BadRequest
 from sless_daemon.executor import AttemptOutcome, failed
 from sless_daemon.lifecycle import Lifecycle, utcnow
 from sless_daemon.limits import resolve
@@ -80,8 +82,8 @@ def test_a_redelivered_job_is_claimed_once(lifecycle):
     assert first["attempts"] == 1 and lifecycle.store.get(job_id)["state"] == "running"
     assert other_worker(lifecycle).start(sent) is None
     lifecycle.finish(first, AttemptOutcome(result=5, duration_ms=1.0))
-    late = other_worker(lifecycle).start(sent)  # a duplicate after the end may run again, but
-    assert not other_worker(lifecycle).finish(late, AttemptOutcome(result=6, duration_ms=1.0)).retry
+    assert other_worker(lifecycle).start(sent) is None
+    assert lifecycle.start(sent) is None  # not even by the worker that ran it
     assert lifecycle.store.leases.count_documents({}) == 0
     doc = lifecycle.store.get(job_id)
     assert doc["state"] == "completed" and doc["attempts"] == 1 and doc["result_json"] == "5"
@@ -225,3 +227,41 @@ def test_outcomes_recorded_together_each_win_or_lose_on_their_own(lifecycle):
     assert [d["state"] for d in docs] == ["completed", "failed", "completed"]
     assert docs[0]["result_json"] == "0" and docs[2]["result_json"] == "2"
     assert lifecycle.store.leases.count_documents({}) == 0
+
+
+def test_a_withdrawn_job_never_runs_even_if_its_message_got_through(lifecycle):
+    """The enqueue reached Redis but its answer was lost: the caller got a 503, so no worker may run it."""
+    job_id = lifecycle.accept(SPEC)
+    sent = message(lifecycle, job_id)
+    lifecycle.store.withdraw(job_id)
+    assert lifecycle.store.get(job_id) is None
+    assert lifecycle.start(sent) is None
+
+
+def test_a_failed_job_is_reopened_once(lifecycle):
+    job_id = lifecycle.accept(dataclasses.replace(SPEC, retries=0))
+    lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.EXCEPTION, "x")))
+    assert lifecycle.reopen(job_id)["state"] == "submitted"
+    with pytest.raises(BadRequest) as second:
+        lifecycle.reopen(job_id)  # the same daemon again: refused, not enqueued twice
+    assert second.value.status == 409
+
+
+def test_a_retry_its_dead_worker_did_not_note_is_noted_by_the_sweep(lifecycle):
+    from sless_daemon.recovery import Recovery
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.start(message(lifecycle, job_id))
+    # the worker settled the attempt as a retry and died before noting it in `retries`
+    assert lifecycle.store.settle(job_id, 1, {"state": "submitted", "retry_at": utcnow()}, {"type": "exception"}, "test")
+    lifecycle.store.leases.update_many({}, {"$set": {"until": utcnow() - timedelta(seconds=1)}})
+    sweep = Recovery(other_worker(lifecycle, "sweeper")).sweep()
+    assert sweep["lost"] == 0 and sweep["retries"] + lifecycle.enqueue_due_retries() == 1
+
+
+def test_a_message_parked_by_a_worker_that_died_counts_as_missing(lifecycle):
+    job_id = lifecycle.accept(SPEC)
+    queue = lifecycle.queue
+    assert queue.missing([(job_id, 0)], 10) == []  # queued: a worker will take it
+    queue.connection.lmove(queue.rq_queue.key, queue.intermediate_key, "LEFT", "RIGHT")  # popped, never taken over
+    assert queue.missing([(job_id, 0)], 10) == [0]

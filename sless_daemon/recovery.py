@@ -102,7 +102,11 @@ class Recovery:
             job = self.store.get(seen["_id"])  # now, and with its code and input for the message
             if job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != seen["attempts"]:
                 continue  # it moved on since the scan: a worker took the message meanwhile
-            self.lifecycle.queue.resend(job, job["attempts"])
+            try:
+                self.lifecycle.queue.resend(job, job["attempts"])
+            except KeyError as e:  # one unreadable record must not stop the recovery of the others
+                log.error("job %s cannot be sent again: its record has no %s", job["_id"], e)
+                continue
             log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
                         extra={"job_id": job["_id"]})
             count += 1

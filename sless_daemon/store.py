@@ -86,6 +86,8 @@ def derive(job: dict, events: list[dict], leases: list[dict]) -> dict:
     Neither: submitted. Leased, not settled: running. Settled: completed, failed, or
     submitted again with a retry time; a failed job that was reopened waits again.
     """
+    if job.get("state") in (JobState.COMPLETED.value, JobState.FAILED.value):
+        return job  # recorded whole by an earlier sless, which updated the job document in place
     now = {**job, "state": JobState.SUBMITTED.value, "attempts": 0, "result_json": None, "error": None,
            "attempt_errors": [], "stdout": "", "stderr": "", "started_at": None, "finished_at": None,
            "duration_ms": None, "worker": None, "retry_at": None, "timings": None}

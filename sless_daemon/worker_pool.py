@@ -82,7 +82,10 @@ class WorkerPool:
         while not self.stop_requested.wait(POLL_S):
             self.replace_dead()
             if time.monotonic() >= next_sweep:
-                self.recovery.sweep()
+                try:
+                    self.recovery.sweep()
+                except Exception:  # noqa: BLE001 - supervising the workers matters more than one sweep
+                    log.exception("recovery sweep failed; trying again")
                 next_sweep = time.monotonic() + self.sweep_interval_s
         self.shutdown()
         return self.exit_code

@@ -265,3 +265,16 @@ def test_a_message_parked_by_a_worker_that_died_counts_as_missing(lifecycle):
     assert queue.missing([(job_id, 0)], 10) == []  # queued: a worker will take it
     queue.connection.lmove(queue.rq_queue.key, queue.intermediate_key, "LEFT", "RIGHT")  # popped, never taken over
     assert queue.missing([(job_id, 0)], 10) == [0]
+
+
+def test_a_job_recorded_whole_by_an_earlier_version_keeps_its_outcome(lifecycle):
+    """Job documents updated in place (before events existed) are read as they are, not run again."""
+    from sless_daemon.recovery import Recovery
+
+    old = {"_id": "a" * 32, "state": "completed", "code": "return 1", "input_json": "1", "limits": {}, "retries": 0,
+           "attempts": 1, "result_json": "2", "submitted_at": utcnow() - timedelta(minutes=5)}
+    lifecycle.store.jobs.insert_one(old)
+    broken = {"_id": "b" * 32, "code": "return 1", "submitted_at": utcnow() - timedelta(minutes=5)}
+    lifecycle.store.jobs.insert_one(broken)  # no limits at all: cannot be sent, must not stop the sweep
+    assert lifecycle.store.get("a" * 32)["state"] == "completed"
+    assert Recovery(lifecycle).sweep()["orphans"] == 0

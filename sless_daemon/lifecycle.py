@@ -33,12 +33,6 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def message_job(job_id: str, spec: JobSpec) -> dict:
-    """A new job as the queue message needs it (the same fields as its stored record)."""
-    return {"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
-            "limits": spec.limits.to_dict(), "retries": spec.retries, "timeout_s": spec.timeout_s}
-
-
 def retry_delay_s(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped; `attempt` counts from 1."""
     return min(cap_s, base_s * 2 ** (attempt - 1))
@@ -97,7 +91,7 @@ class Lifecycle:
         job = self.store.insert(job_id, spec, utcnow())
         inserted = time.perf_counter()
         try:
-            self.queue.enqueue(message_job(job_id, spec), 0)
+            self.queue.enqueue(job, 0)
         except Exception:
             self._forget(job_id)
             raise

@@ -196,10 +196,7 @@ class OutcomeStore:
                                     "until": lease_until, "started_at": now})
         except DuplicateKeyError:
             return False  # running elsewhere now
-        try:
-            self.events.insert_one({"_id": guard_key(job_id, attempt, "claim"), "job_id": job_id,
-                                    "attempt": attempt, "step": "claim", "owner": worker, "at": now})
-        except DuplicateKeyError:
+        if not self._insert_event(job_id, attempt, "claim", worker, at=now):
             self.leases.delete_one({"_id": lease})
             return False
         return True
@@ -211,11 +208,7 @@ class OutcomeStore:
         Its first attempt is claimed for nobody first: if the message reached Redis after
         all (the answer was lost), no worker can run it.
         """
-        try:
-            self.events.insert_one({"_id": guard_key(job_id, 1, "claim"), "job_id": job_id, "attempt": 1,
-                                    "step": "claim", "owner": "(withdrawn)"})
-        except DuplicateKeyError:
-            pass
+        self._insert_event(job_id, 1, "claim", "(withdrawn)")
         self.jobs.delete_one({"_id": job_id})
 
     @mongo_call
@@ -275,12 +268,7 @@ class OutcomeStore:
     def reopen(self, job_id: str, attempts: int, owner: str, now: datetime) -> bool:
         """Make a failed job wait for one more attempt (a manual retry); False if it was reopened
         before (strict: a second request from the same daemon gets False too)."""
-        try:
-            self.events.insert_one({"_id": guard_key(job_id, attempts, "reopen"), "owner": owner, "job_id": job_id,
-                                    "attempt": attempts, "step": "reopen", "retries": attempts, "at": now})
-            return True
-        except DuplicateKeyError:
-            return False
+        return self._insert_event(job_id, attempts, "reopen", owner, retries=attempts, at=now)
 
     @mongo_call
     def schedule_retry(self, job_id: str, attempts: int, at: datetime) -> None:
@@ -300,27 +288,27 @@ class OutcomeStore:
     @mongo_call
     def take_retry(self, job_id: str, attempts: int, owner: str) -> bool:
         """Become the one sweeper that enqueues this retry."""
-        return self._take(guard_key(job_id, attempts, "enqueue"), owner, job_id=job_id, attempt=attempts,
-                          step="enqueue")
+        return self._insert_event(job_id, attempts, "enqueue", owner) or self._owned_by(
+            guard_key(job_id, attempts, "enqueue"), owner)
 
     @mongo_call
     def release_retry(self, job_id: str, attempts: int) -> None:
         """Give a taken retry back (its enqueue failed) so a later sweep tries again (rare)."""
         self.events.delete_one({"_id": guard_key(job_id, attempts, "enqueue")})
 
-    def _take(self, key: str, owner: str, **fields) -> bool:
-        """Insert an event; a unique `_id` lets exactly one owner succeed.
-
-        An owner that finds its own event (its earlier insert went through but the
-        answer was lost) has won too.
-        """
+    def _insert_event(self, job_id: str, attempt: int, step: str, owner: str, **fields) -> bool:
+        """Insert the event `<job>/<attempt>/<step>`; False if it exists (a unique `_id`
+        lets exactly one process take each step)."""
         try:
-            self.events.insert_one({"_id": key, "owner": owner, **fields})
+            self.events.insert_one({"_id": guard_key(job_id, attempt, step), "owner": owner, "job_id": job_id,
+                                    "attempt": attempt, "step": step, **fields})
             return True
         except DuplicateKeyError:
-            return self._owned_by(key, owner)
+            return False
 
     def _owned_by(self, key: str, owner: str) -> bool:
+        """Whether `owner` holds an event already: its earlier insert went through but the
+        answer was lost, so it has won."""
         held = self.events.find_one({"_id": key}, {"owner": 1})
         return held is not None and held.get("owner") == owner
 

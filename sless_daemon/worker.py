@@ -1,6 +1,6 @@
-"""One worker process: takes job ids from the RQ queue and runs each attempt via the executor.
+"""One worker process: takes attempts from the RQ queue and runs each one via the executor.
 
-RQ calls `run_job` by name for every message. The worker never runs user code
+The consumer (consumer.py) hands it every message. The worker never runs user code
 itself: it claims the attempt in MongoDB, asks the executor for an outcome, and
 records it through the lifecycle. Started by the worker pool (see WORKER_ENTRY
 there) with `--name NAME`; settings come from `SLESS_*` variables.
@@ -34,9 +34,6 @@ from .store import OutcomeStore, connect_mongo
 
 log = logging.getLogger("sless.worker")
 
-# RQ imports job functions by name, so the attempt runner of this process is found
-# here; `serve` sets it once at start-up, before the first job can arrive.
-_runner: AttemptRunner | None = None
 
 SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning forever
 WRITE_RETRY_FIRST_S = 0.5
@@ -44,10 +41,10 @@ WRITE_RETRY_MAX_S = 10.0
 
 
 def run_job(message: dict) -> None:
-    """The function RQ messages name (queue.RUN_JOB); the consumer calls the runner directly."""
-    if _runner is None:
-        raise RuntimeError("run_job called outside a sless worker process")
-    _runner.run(message)
+    """The function RQ messages name (queue.RUN_JOB). sless workers never call it: their
+    consumer hands each message to the attempt runner (consumer.py). Here only so that a
+    plain `rq worker` pointed at the queue fails clearly instead of running user code."""
+    raise RuntimeError("sless messages are run by `sless worker`, which sandboxes them; not by `rq worker`")
 
 
 def spec_from_job(job: dict) -> JobSpec:
@@ -227,21 +224,20 @@ def prepare_sandbox(settings: Settings, slot: int, insecure: bool) -> Sandbox | 
 
 def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) -> None:
     """Consume the queue until told to stop (SIGTERM/SIGINT: finish the running job first)."""
-    global _runner
     configure_logging(settings.log_format, settings.log_level, name)
     become_subreaper()
     sandbox = prepare_sandbox(settings, slot, insecure)
     connection = connect_redis(settings.redis_url)
-    _runner = build_runner(settings, name, connection, sandbox)
-    _runner.executor.probe()
-    _runner.executor.prepare()
-    consumer = Consumer(JobQueue(connection, settings.queue_name), name, _runner.run)
+    runner = build_runner(settings, name, connection, sandbox)
+    runner.executor.probe()
+    runner.executor.prepare()
+    consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
     try:
         consumer.work()
     finally:
-        _runner.recorder.drain()
-        _runner.executor.close()
+        runner.recorder.drain()
+        runner.executor.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,8 +28,8 @@ from .worker import SANDBOX_UNAVAILABLE_EXIT
 
 log = logging.getLogger("sless.pool")
 
-# Not `-m sless_daemon.worker`: that would run the module as __main__, a second copy
-# beside the `sless_daemon.worker` that RQ imports to find `run_job`.
+# Not `-m sless_daemon.worker`: that would run the module as __main__, beside a second
+# copy as `sless_daemon.worker` once anything imports it by name.
 WORKER_ENTRY = "from sless_daemon.worker import main; main()"
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.2

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from stack import wait_until
 
 SLOW_JOB = "import time\ntime.sleep({seconds})\nreturn 'slept'"
@@ -124,3 +126,11 @@ def test_workers_refuse_to_start_without_bubblewrap(stack):
     assert done.returncode == 11, done.stderr[-2000:]
     assert "bubblewrap (bwrap) is not installed" in done.stderr and "apt-get install bubblewrap" in done.stderr
     assert "--insecure-no-sandbox" in done.stderr
+
+
+def test_a_plain_rq_worker_cannot_run_a_sless_message():
+    """Messages name `run_job` for RQ's sake; outside `sless worker` it refuses, so no code runs unsandboxed."""
+    from sless_daemon.worker import run_job
+
+    with pytest.raises(RuntimeError, match="sless worker"):
+        run_job({"job_id": "x", "attempt": 1, "code": "return 1"})

@@ -4,13 +4,17 @@ Started once per worker sandbox (`python -I -S -B runner.py CONTROL_FD [--plain]
 executed as a script, it must import nothing but the standard library: the project is
 not on its path. It never runs user code and never sees a request; it only forks.
 
-Per attempt (SOCK-style, USENIX ATC 2018): the server forks; the child enters new PID,
-network, IPC, UTS and mount namespaces; the next child is PID 1 there and mounts a
-fresh /proc, /work (size-capped tmpfs) and /dev/shm; the one after it enters a new user
-namespace where it is uid 65534 and owns none of those namespaces, drops every
-capability, takes the job's rlimits and seccomp filter, and only then reads the job's
-request from stdin. So no state crosses attempts, and the interpreter's start-up is
-paid once per worker instead of once per job. `--plain` (insecure workers) skips the
+Per attempt (SOCK-style, USENIX ATC 2018): the server forks a child that is PID 1 of a
+new PID namespace; it enters new mount and IPC namespaces and mounts a fresh /proc,
+/work (size-capped tmpfs) and /dev/shm; its child enters a new user namespace where it
+is uid 65534 and owns none of those namespaces, drops every capability, takes the job's
+rlimits and seccomp filter, and only then reads the job's request from stdin. The
+network (loopback only) and UTS namespaces are the worker sandbox's, made by bubblewrap
+and shared by the attempts of that one worker, which run one after another: an attempt
+cannot configure them (its user namespace owns neither), and every process it started
+is gone before the next attempt is sent its request, so it leaves nothing in them for
+the next. So no state crosses attempts, and the interpreter's start-up is paid once
+per worker instead of once per job. `--plain` (insecure workers) skips the
 namespaces and the filter: it only forks, changes directory and sets rlimits.
 
 Control protocol (CONTROL_FD is a SOCK_SEQPACKET socket to the worker, JSON messages):
@@ -60,6 +64,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     plain = "--plain" in sys.argv[2:]
     seccomp_bpf = b"" if plain else _read(SECCOMP_PATH)
+    own_pid_ns = None if plain else os.open("/proc/self/ns/pid", os.O_RDONLY)
     gc.freeze()  # what is here now is shared by every fork, not copied page by page
     control.send(b'{"ready": true}')
     while True:
@@ -69,7 +74,7 @@ def main() -> None:
             os._exit(0)
         if not message:
             os._exit(0)  # the worker is gone
-        pid = os.fork()
+        pid = fork_into_new_pid_namespace(own_pid_ns)
         if pid == 0:
             control.close()
             attempt(json.loads(message), fds, plain, seccomp_bpf)
@@ -79,16 +84,31 @@ def main() -> None:
         control.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
 
 
+def fork_into_new_pid_namespace(own_pid_ns) -> int:
+    """Fork the attempt as PID 1 of a new PID namespace (a plain fork with `--plain`).
+
+    unshare(CLONE_NEWPID) only places the server's next child in a new namespace, and
+    works once until setns() points the server's children back at its own: one fork
+    per attempt instead of a fork to unshare in and another to become PID 1.
+    """
+    if own_pid_ns is None:
+        return os.fork()
+    _check(_libc.unshare(CLONE_NEWPID), "unshare PID namespace")
+    pid = os.fork()
+    if pid:
+        _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
+    return pid
+
+
 def attempt(order: dict, fds: list, plain: bool, seccomp_bpf: bytes) -> None:
     """In the forked child: build the attempt's sandbox, run the job, never return."""
     try:
         _take_descriptors(fds)  # first: a setup failure below is reported on the attempt's stderr
         if not plain:
             _write("/proc/self/oom_score_adj", "1000")  # if memory runs out, the job goes first
-            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-            _fork_and_wait(reap_all=False)  # the child is PID 1 of the new namespace
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 1 of its own PID namespace
             _mount_fresh_filesystems(order["tmpfs_bytes"])
-            _fork_and_wait(reap_all=True)  # PID 1 stays as init: user code keeps normal signals
+            _fork_and_wait()  # PID 1 stays as init: user code keeps normal signals
             _become_nobody()
         os.chdir(order.get("workdir") or WORKDIR)
         for which, soft, hard in order["rlimits"]:
@@ -239,11 +259,11 @@ def _detach_stdin() -> None:
 
 # --- building an attempt's sandbox (in the forked children) ---------------------------------
 
-def _fork_and_wait(reap_all: bool) -> None:
-    """Fork; the parent waits for that child and exits with its status, the child returns.
+def _fork_and_wait() -> None:
+    """Fork; the parent, the namespace's init, waits for that child and exits with its status.
 
-    With `reap_all` the parent is the namespace's init: it also collects orphans, and its
-    exit ends every process left in the namespace.
+    It also collects orphans, and its exit ends every process left in the namespace.
+    The child returns.
     """
     pid = os.fork()
     if pid == 0:
@@ -251,7 +271,7 @@ def _fork_and_wait(reap_all: bool) -> None:
     os.closerange(0, REPORT_FD + 1)  # only the job holds its pipes: their ends mean the job's end
     while True:
         try:
-            done, status = os.waitpid(-1 if reap_all else pid, 0)
+            done, status = os.waitpid(-1, 0)
         except ChildProcessError:
             os._exit(SETUP_FAILED)
         if done == pid:

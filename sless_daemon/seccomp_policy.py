@@ -93,7 +93,7 @@ CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10
 # What the fork server needs beyond a job: making each attempt's namespaces and mounts.
 # Its own filter (loaded by bubblewrap) lets these through; the attempt then stacks the
 # full filter on top before any user code runs, and filters can only ever narrow.
-SERVER_ALLOWED = frozenset({"unshare", "mount"})
+SERVER_ALLOWED = frozenset({"unshare", "mount", "setns"})
 
 
 def build_filter_bpf(allowed: frozenset[str] = frozenset()) -> bytes:

@@ -282,17 +282,47 @@ def test_udp_to_a_host_listener_never_arrives(hostile_stack, confined):
         listener.close()
 
 
+LEFT_PORT = 47123  # inside the sandbox's own loopback: no host port is touched
+LISTENER = (f"import socket, time\nu = socket.socket(socket.AF_UNIX)\nu.bind('\\0{MARKER}-left')\nu.listen()\n"
+            f"t = socket.socket()\nt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"t.bind(('127.0.0.1', {LEFT_PORT}))\nt.listen()\ntime.sleep(60)")
+LISTENERS_UP = f"""
+for _ in range(200):
+    try:
+        socket.create_connection(('127.0.0.1', {LEFT_PORT}), 0.1).close()
+        return 'left'
+    except OSError:
+        time.sleep(0.02)
+return 'the listener never came up'
+"""
+LISTENERS_GONE = f"""
+def reachable(family, address):
+    try:
+        socket.socket(family).connect(address)
+        return True
+    except OSError:
+        return False
+gone = not reachable(socket.AF_INET, ('127.0.0.1', {LEFT_PORT})) and not reachable(socket.AF_UNIX, '\\0{MARKER}-left')
+"""
+
+
 def test_nothing_leaks_from_one_job_to_the_next(hostile_stack, confined):
+    """Files, environment, processes, and listeners left by a detached process: none reach the next job.
+
+    The attempts of one worker share its sandbox's loopback, so the leaver checks its
+    listeners are up (connecting to them) before it returns.
+    """
     require_confinement(confined)
-    leave = ("import os, subprocess\nopen('/work/leak', 'w').write('x')\nopen('/tmp/leak2', 'w').write('y')\n"
+    leave = ("import os, socket, subprocess, time\nopen('/work/leak', 'w').write('x')\nopen('/tmp/leak2', 'w').write('y')\n"
              "os.environ['SLESS_LEAK'] = '1'\nos.putenv('SLESS_LEAK', '1')\n"
              f"subprocess.Popen(['/usr/bin/python3', '-c', {SLEEPER}, '{MARKER}-c'], start_new_session=True)\n"
-             "return 'left'")
-    look = ("import os\nreturn [os.path.exists('/work/leak'), os.path.exists('/tmp/leak2'), 'SLESS_LEAK' in os.environ, "
-            "sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3], os.listdir('/work')]")
+             f"subprocess.Popen(['/usr/bin/python3', '-c', {LISTENER!r}], start_new_session=True)\n" + LISTENERS_UP)
+    look = ("import os, socket\n" + LISTENERS_GONE +
+            "return [os.path.exists('/work/leak'), os.path.exists('/tmp/leak2'), 'SLESS_LEAK' in os.environ, "
+            "sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3], os.listdir('/work'), gone]")
     for _ in range(3):  # two workers: each leaver is followed by a looker on either of them
         assert execute(hostile_stack, leave)["result"] == "left"
-        assert execute(hostile_stack, look)["result"] == [False, False, False, [1, 2], []]
+        assert execute(hostile_stack, look)["result"] == [False, False, False, [1, 2], [], True]
 
 
 def test_a_bomb_leaves_the_job_beside_it_unharmed(hostile_stack, confined):

@@ -93,8 +93,10 @@ def test_every_attempt_enters_fresh_namespaces_as_nobody():
     from sless_daemon import runner
 
     source = Path(runner.__file__).read_text()
+    fork = source[source.index("def fork_into_new_pid_namespace("):source.index("def attempt(")]
+    assert fork.index("_libc.unshare(CLONE_NEWPID)") < fork.index("pid = os.fork()") < fork.index("_libc.setns(")
     steps = source[source.index("def attempt("):source.index("def run_request(")]
-    for step in ("CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS", "_mount_fresh_filesystems",
+    for step in ("CLONE_NEWNS | CLONE_NEWIPC", "_mount_fresh_filesystems",
                  "_become_nobody", "_drop_capabilities", "_load_seccomp", "setrlimit"):
         assert step in steps, step
     assert steps.index("_load_seccomp(") < steps.index("run_request("), "user code must start after the filter"
@@ -103,7 +105,7 @@ def test_every_attempt_enters_fresh_namespaces_as_nobody():
 def test_the_server_filter_differs_from_the_attempts_only_by_namespaces_and_mounts():
     from sless_daemon.seccomp_policy import SERVER_ALLOWED, build_filter_bpf
 
-    assert SERVER_ALLOWED == {"unshare", "mount"}
+    assert SERVER_ALLOWED == {"unshare", "mount", "setns"}
     assert build_filter_bpf(SERVER_ALLOWED) != build_filter_bpf()
 
 

@@ -3,10 +3,13 @@
     python3 bench/profile_drain.py [--jobs 1000] [--workers 1] [--spy]
 
 Submits `--jobs` `return input * 2` jobs with no worker running, starts the pool, and
-waits until all are recorded. Prints jobs/s and the CPU each job cost the worker
-processes and FerretDB (from /proc). With `--spy` it also records the first worker
-with py-spy for 12 s (`pip install py-spy`) and prints the functions holding the most
-samples (inclusive), the way the steps in BENCHMARKS.md were chosen.
+waits until all are recorded (counting cheaply, as bench/compare.py does). Prints
+jobs/s (from starting the pool, so a little below compare.py's) and the CPU each job
+cost every process on the machine, grouped by command line, from /proc: the workers,
+their sandboxes' fork servers (with the attempts they forked and reaped), FerretDB,
+Redis. With `--spy` it also records the first worker with py-spy for 12 s (`pip
+install py-spy`) and prints the functions holding the most samples (inclusive), the
+way the steps in BENCHMARKS.md were chosen.
 """
 
 from __future__ import annotations
@@ -25,22 +28,36 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.stack import Stack, wait_until  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare  # noqa: E402
+from tests.stack import Stack  # noqa: E402
 
 SPY_SECONDS = 12
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_table() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, CPU seconds of it and its reaped children) for every process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:70]
+        except OSError:
+            continue
+        table[int(entry.name)] = (command or f"[{entry.name}]", sum(int(f) for f in fields[11:15]))
+    return table
 
 
-def ferretdb_pid() -> int:
-    found = subprocess.run(["pgrep", "-f", "ferretdb"], capture_output=True, text=True).stdout.split()
-    if not found:
-        raise SystemExit("FerretDB is not running: scripts/services start")
-    return int(found[0])
+def cpu_by_command(before: dict, after: dict) -> collections.Counter:
+    """CPU seconds spent between two tables, per command line (kernel threads share one name)."""
+    spent = collections.Counter()
+    for pid, (command, ticks) in after.items():
+        earlier = before.get(pid)
+        spent[command] += ticks - (earlier[1] if earlier and earlier[0] == command else 0)
+    return collections.Counter({k: v / os.sysconf("SC_CLK_TCK") for k, v in spent.items() if v})
 
 
 def top_frames(raw: Path, count: int = 30) -> list[tuple[float, str]]:
@@ -67,22 +84,22 @@ def main() -> None:
         for i in range(args.jobs):
             session.post(stack.url + "/submit", json={"code": "return input * 2", "input": i}).raise_for_status()
         stack.workers = args.workers
+        before, started = cpu_table(), time.monotonic()
         stack.start_pool()
-        workers, ferretdb = stack.worker_pids(), ferretdb_pid()
-        before = sum(cpu_s(p) for p in workers), cpu_s(ferretdb), time.monotonic()
         spy = None
         if args.spy:
-            spy = subprocess.Popen(["py-spy", "record", "-p", str(workers[0]), "-d", str(SPY_SECONDS), "-r", "200",
-                                    "-f", "raw", "-o", str(logs / "worker.txt")],
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(stack.worker_pids()[0]), "-d", str(SPY_SECONDS),
+                                    "-r", "200", "-f", "raw", "-o", str(logs / "worker.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        events = stack.mongo_jobs().database["events"]
-        wait_until(lambda: events.count_documents({"step": "settle", "state": "completed"}) >= args.jobs,
-                   900, "the jobs did not all complete", interval_s=0.5)
-        elapsed = time.monotonic() - before[2]
-        worker_ms = (sum(cpu_s(p) for p in workers) - before[0]) * 1000 / args.jobs
-        ferretdb_ms = (cpu_s(ferretdb) - before[1]) * 1000 / args.jobs
-        print(f"{args.jobs} jobs, {args.workers} workers: {args.jobs / elapsed:.1f} jobs/s; CPU per job: "
-              f"workers {worker_ms:.2f} ms, FerretDB {ferretdb_ms:.2f} ms")
+        compare.wait_for_count(lambda: compare.sless_terminal(stack, args.jobs), args.jobs, 0.2,
+                               lambda: stack.pool.poll() is None, "sless")
+        elapsed = time.monotonic() - started
+        spent = cpu_by_command(before, cpu_table())
+        total_ms = sum(spent.values()) * 1000 / args.jobs
+        print(f"{args.jobs} jobs, {args.workers} workers: {args.jobs / elapsed:.1f} jobs/s; "
+              f"CPU per job {total_ms:.2f} ms, of which:")
+        for command, seconds in spent.most_common(6):
+            print(f"  {seconds * 1000 / args.jobs:6.2f} ms  {command}")
         if spy:
             spy.wait()
             for share, name in top_frames(logs / "worker.txt"):

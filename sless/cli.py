@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +23,17 @@ from . import __version__
 from .client import DEFAULT_URL, DaemonClient
 from .errors import CliError
 from .exit_codes import ExitStatus
-from .render import err, health_table, out, print_json, status_line, status_view
+from .follow import TERMINAL, Follower, follow_to_end
+from .render import LiveJob, err, health_table, jobs_table, out, print_json, status_line, status_view
 
 app = typer.Typer(help="sless: run functions in sandboxes, track every outcome.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=True)
 
-TERMINAL = {"completed", "failed"}
 INSECURE_HELP = "Run user code WITHOUT the sandbox (plain processes, rlimits only). Trusted code only."
-WATCH_INTERVAL_S = 0.25
+JSON_HELP = "Machine-readable output."
+AUTOSCALE_HELP = ("Grow and shrink the pool between MIN and MAX workers with the queue (instead of --count); "
+                  "README: Autoscaling.")
+JSON_LOGS_HELP = "Log one JSON object per line (as SLESS_LOG_FORMAT=json)."
 
 
 class Context:
@@ -76,7 +80,8 @@ def read_text(path: Path, what: str) -> str:
 
 
 def job_exit_code(doc: dict) -> ExitStatus:
-    return {"completed": ExitStatus.SUCCESS, "failed": ExitStatus.JOB_FAILED}.get(doc["state"], ExitStatus.NOT_FINISHED)
+    return {"completed": ExitStatus.SUCCESS, "failed": ExitStatus.JOB_FAILED,
+            "cancelled": ExitStatus.JOB_CANCELLED}.get(doc["state"], ExitStatus.NOT_FINISHED)
 
 
 @app.command()
@@ -108,7 +113,7 @@ def submit(
         answer = client.submit(job)
         print_json(answer) if as_json else out.print(answer["jobId"])
         return
-    doc = follow(client, client.execute(job))
+    doc = follow_to_end(client, client.execute(job))
     show_outcome(doc, as_json)
     raise typer.Exit(job_exit_code(doc))
 
@@ -130,14 +135,6 @@ def parse_json_file(path: Path):
         return json.loads(text)
     except ValueError as e:
         raise CliError(f"The input file {str(path)!r} is not valid JSON: {e}.", ExitStatus.FILE_ERROR) from None
-
-
-def follow(client: DaemonClient, doc: dict) -> dict:
-    """Poll until the job is terminal (used when /execute answered before the end)."""
-    while doc["state"] not in TERMINAL:
-        time.sleep(WATCH_INTERVAL_S)
-        doc = client.status(doc["jobId"])
-    return doc
 
 
 def show_outcome(doc: dict, as_json: bool) -> None:
@@ -162,44 +159,34 @@ def status(
     ctx: typer.Context,
     job_id: str = typer.Argument(..., help="The job id `sless submit` printed."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job live until it ends."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " With --watch, one object per change."),
 ):
-    """Show a job's state and result. Exit 0 completed, 1 failed, 8 not finished."""
+    """Show a job's state and result. Exit 0 completed, 1 failed, 8 not finished, 13 cancelled."""
     client = ctx.obj.client()
     doc = client.status(job_id)
     if watch:
         doc = watch_job(client, doc, as_json)
-    if as_json:
+    elif as_json:
         print_json(doc)
-    else:
+    if not as_json:
         out.print(status_view(doc))
     raise typer.Exit(job_exit_code(doc))
 
 
 def watch_job(client: DaemonClient, doc: dict, as_json: bool) -> dict:
-    """Follow a job to its end: a live rich view on a terminal, plain lines when piped."""
+    """Follow a job to its end: a live rich view on a terminal, plain lines when piped,
+    one JSON document per change with --json. Returns the final document."""
+    follower = Follower(client, doc)
     if as_json or not out.is_terminal:
-        return watch_plain(client, doc)
-    with Live(status_view(doc), console=out, refresh_per_second=8, transient=True) as live:
-        while doc["state"] not in TERMINAL:
-            time.sleep(WATCH_INTERVAL_S)
-            doc = client.status(doc["jobId"])
-            live.update(status_view(doc))
-    return doc
-
-
-def watch_plain(client: DaemonClient, doc: dict) -> dict:
-    """One stderr line per change of state or attempt."""
-    seen = None
-    while True:
-        key = (doc["state"], doc["attempts"])
-        if key != seen:
-            err.print(status_line(doc), markup=False)
-            seen = key
-        if doc["state"] in TERMINAL:
-            return doc
-        time.sleep(WATCH_INTERVAL_S)
-        doc = client.status(doc["jobId"])
+        for change in follower.changes():
+            if change.output is None:
+                print_json(change.doc) if as_json else err.print(status_line(change.doc), markup=False)
+        return follower.doc
+    view = LiveJob(doc)
+    with Live(view, console=out, refresh_per_second=4, transient=True):
+        for change in follower.changes():
+            view.update(change.doc, change.output)
+    return follower.doc
 
 
 @app.command()
@@ -215,9 +202,110 @@ def retry(
     if not wait:
         print_json(doc) if as_json else err.print(f"job {job_id} queued for attempt {doc['attempts'] + 1}")
         return
-    doc = follow(client, doc)
+    doc = follow_to_end(client, doc)
     show_outcome(doc, as_json)
     raise typer.Exit(job_exit_code(doc))
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="The job id."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing output while the job runs."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " With --follow, one object per feed event."),
+):
+    """Print the job's captured stdout and stderr (its latest attempt's)."""
+    client = ctx.obj.client()
+    page = client.logs(job_id)
+    if as_json and not follow:
+        print_json(page)
+        return
+    if as_json:
+        print_json({"kind": "output-so-far", **page})
+    else:
+        write_output("stdout", page["stdout"])
+        write_output("stderr", page["stderr"])
+    if not follow or page["state"] in TERMINAL:
+        raise typer.Exit(job_exit_code(page) if follow else ExitStatus.SUCCESS)
+    follower = Follower(client, client.status(job_id), cursor=page["cursor"])
+    attempt = page["attempt"]
+    for change in follower.changes():
+        if change.output is not None:
+            print_json(change.output) if as_json else write_output(change.output["stream"], change.output["text"])
+        elif as_json:
+            print_json({"kind": "state", "jobId": job_id, "state": change.doc["state"],
+                        "attempt": change.doc["attempts"]})
+        elif change.doc["attempts"] != attempt and change.doc["state"] == "running":
+            attempt = change.doc["attempts"]
+            err.print(f"── attempt {attempt} ──", style="dim")
+    raise typer.Exit(job_exit_code(follower.doc))
+
+
+def write_output(stream: str, text: str) -> None:
+    """The job's own bytes, as they are (no markup, no wrapping), to our stdout or stderr."""
+    target = sys.stdout if stream == "stdout" else sys.stderr
+    target.write(text)
+    target.flush()
+
+
+@app.command(name="list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Optional[str] = typer.Option(None, "--state", "-s", help="Only jobs in this state (submitted, running, "
+                                        "completed, failed, cancelled)."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, max=1000, help="How many jobs, newest first."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only jobs submitted since: an ISO time, or an age "
+                                        "like 30s, 15m, 2h, 7d."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """List recent jobs in a table."""
+    listing = ctx.obj.client().jobs(state, limit, parse_since(since) if since else None)
+    if as_json:
+        print_json(listing)
+    else:
+        if not out.is_terminal:
+            out.width = max(out.width, PIPED_TABLE_WIDTH)  # whole ids and times, for grep and cut
+        out.print(jobs_table(listing["jobs"]))
+
+
+PIPED_TABLE_WIDTH = 150
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> str:
+    """`15m` -> the ISO time 15 minutes ago; an ISO time passes as it is (the daemon checks it)."""
+    number, unit = text[:-1], text[-1:].lower()
+    if unit in AGE_UNITS and number.replace(".", "", 1).isdigit():
+        moment = datetime.now(timezone.utc) - timedelta(seconds=float(number) * AGE_UNITS[unit])
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return text
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="The job id."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until a running job's sandbox is killed."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Cancel a job: a queued one never starts, a running one has its sandbox killed.
+
+    Exit 0 once cancelled (or asked, with --no-wait); 12 if the job ended another way first.
+    """
+    client = ctx.obj.client()
+    doc, cancelled = client.cancel(job_id)
+    if not cancelled and wait:
+        doc = follow_to_end(client, doc)
+    if as_json:
+        print_json(doc)
+    elif doc["state"] == "cancelled":
+        err.print(f"job {job_id} cancelled")
+    elif not wait:
+        err.print(f"job {job_id}: cancel requested; its worker stops it within a second")
+    else:
+        err.print(f"job {job_id} ended {doc['state']} before it could be cancelled")
+    if wait and doc["state"] != "cancelled":
+        raise typer.Exit(ExitStatus.CONFLICT)
 
 
 @app.command()
@@ -252,11 +340,13 @@ def daemon(
     redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
     mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
     log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
 ):
     """Run the HTTP daemon in the foreground."""
     from sless_daemon.daemon import serve
 
-    serve(server_settings(host=host, port=port, redis_url=redis_url, mongo_url=mongo_url, log_format=log_format))
+    serve(server_settings(host=host, port=port, redis_url=redis_url, mongo_url=mongo_url,
+                          log_format="json" if as_json else log_format))
 
 
 @app.command()
@@ -265,20 +355,27 @@ def worker(
     redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
     mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
     log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN:MAX", help=AUTOSCALE_HELP),
     insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
 ):
     """Run N supervised worker processes in the foreground (Ctrl-C stops them gently)."""
-    settings = server_settings(redis_url=redis_url, mongo_url=mongo_url, log_format=log_format)
-    raise typer.Exit(run_pool(settings, count, insecure_no_sandbox))
+    settings = server_settings(redis_url=redis_url, mongo_url=mongo_url, log_format="json" if as_json else log_format)
+    raise typer.Exit(run_pool(settings, count, insecure_no_sandbox, autoscale))
 
 
-def run_pool(settings, count: int, insecure: bool) -> int:
+def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None) -> int:
     """Run the worker pool until stopped; non-zero when the sandbox cannot be created."""
+    from sless_daemon.autoscale import parse_range
     from sless_daemon.logs import configure_logging
     from sless_daemon.worker_pool import build_pool
 
+    try:
+        bounds = parse_range(autoscale) if autoscale is not None else None
+    except ValueError as e:
+        raise CliError(str(e), ExitStatus.USAGE) from None
     configure_logging(settings.log_format, settings.log_level, "pool")
-    code = build_pool(settings, count, insecure).run()
+    code = build_pool(settings, count, insecure, bounds).run()
     if code:
         raise CliError("The workers cannot create their sandbox; the worker log above says why and how to fix it.",
                        ExitStatus.SANDBOX_UNAVAILABLE)
@@ -290,16 +387,18 @@ def up(
     count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
     port: Optional[int] = typer.Option(None, help="Daemon port [env SLESS_PORT, default 3000]."),
     log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN:MAX", help=AUTOSCALE_HELP),
     insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
 ):
     """Run the daemon and the workers together in the foreground; Ctrl-C stops all cleanly."""
     import subprocess
 
-    settings = server_settings(port=port, log_format=log_format)
+    settings = server_settings(port=port, log_format="json" if as_json else log_format)
     env = {**os.environ, **settings.to_env()}
     daemon_process = subprocess.Popen([sys.executable, "-m", "sless", "daemon"], env=env, start_new_session=True)
     try:
-        run_pool(settings, count, insecure_no_sandbox)
+        run_pool(settings, count, insecure_no_sandbox, autoscale)
     finally:
         daemon_process.terminate()
         daemon_process.wait(timeout=10)

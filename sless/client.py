@@ -29,20 +29,38 @@ class DaemonClient:
         return self.call("POST", "/execute", body, timeout_s=timeout_s).json()
 
     def status(self, job_id: str) -> dict:
-        return self.call("GET", f"/status/{requests.utils.quote(job_id, safe='')}").json()
+        return self.call("GET", f"/status/{quote(job_id)}").json()
 
     def retry(self, job_id: str) -> dict:
-        return self.call("POST", f"/retry/{requests.utils.quote(job_id, safe='')}").json()
+        return self.call("POST", f"/retry/{quote(job_id)}").json()
+
+    def cancel(self, job_id: str) -> tuple[dict, bool]:
+        """Cancel a job: its status document, and whether it is cancelled already (200)
+        rather than being stopped (202)."""
+        answer = self.call("POST", f"/cancel/{quote(job_id)}")
+        return answer.json(), answer.status_code == 200
+
+    def jobs(self, state: str | None = None, limit: int | None = None, since: str | None = None) -> dict:
+        query = {k: v for k, v in (("state", state), ("limit", limit), ("since", since)) if v is not None}
+        return self.call("GET", "/jobs", params=query).json()
+
+    def events(self, job_id: str, after: str, wait_s: float) -> dict:
+        """The job's feed after `after`, waiting up to `wait_s` for something new (a long poll)."""
+        return self.call("GET", f"/events/{quote(job_id)}", params={"after": after, "wait_s": wait_s},
+                         timeout_s=wait_s + self.timeout_s).json()
+
+    def logs(self, job_id: str) -> dict:
+        return self.call("GET", f"/logs/{quote(job_id)}").json()
 
     def health(self) -> dict:
         """The daemon's view of its dependencies; a 503 still carries the details."""
         return self.call("GET", "/health", accept=(200, 503)).json()
 
     def call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None,
-             accept: tuple[int, ...] = (200, 202)) -> requests.Response:
+             accept: tuple[int, ...] = (200, 202), params: dict | None = None) -> requests.Response:
         url = self.base_url + path
         try:
-            response = self.session.request(method, url, json=body, timeout=timeout_s or self.timeout_s)
+            response = self.session.request(method, url, json=body, params=params, timeout=timeout_s or self.timeout_s)
         except requests.Timeout:
             raise DaemonUnreachable(f"The daemon at {self.base_url} did not answer within {timeout_s or self.timeout_s:g} s.") from None
         except requests.ConnectionError:
@@ -50,6 +68,11 @@ class DaemonClient:
         if response.status_code not in accept:
             raise ApiError(response.status_code, error_message(response))
         return response
+
+
+def quote(job_id: str) -> str:
+    """A job id as one path segment, whatever the user typed."""
+    return requests.utils.quote(job_id, safe="")
 
 
 def error_message(response: requests.Response) -> str:

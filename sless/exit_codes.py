@@ -16,4 +16,5 @@ class ExitStatus(IntEnum):
     CONFIG = 9  # a setting is invalid
     INTERNAL = 10  # an unexpected error; rerun with --debug for the traceback
     SANDBOX_UNAVAILABLE = 11  # workers refused to start: bubblewrap cannot create the sandbox here
-    CONFLICT = 12  # the job is not in a state that allows this (e.g. retrying a job that has not failed)
+    CONFLICT = 12  # the job is not in a state that allows this (retrying a job that has not failed, cancelling one that ended)
+    JOB_CANCELLED = 13  # the job ended in state cancelled

@@ -13,7 +13,8 @@ from rich.text import Text
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-STATE_STYLES = {"submitted": "cyan", "running": "yellow", "completed": "green", "failed": "red"}
+STATE_STYLES = {"submitted": "cyan", "running": "yellow", "completed": "green", "failed": "red",
+                "cancelled": "magenta"}
 TAIL_LINES = 8
 
 
@@ -62,6 +63,44 @@ def status_view(doc: dict) -> Group:
             parts.append(Text(f"── {stream} ──", style="dim"))
             parts.append(Text(tail))
     return Group(*parts)
+
+
+class LiveJob:
+    """What `sless status --watch` shows while a job runs: rendered anew at every refresh
+    of rich's Live (so the elapsed time ticks), with the tail of the running attempt's
+    output from the job's feed; the stored output once it has ended."""
+
+    def __init__(self, doc: dict):
+        self.doc = doc
+        self.output = {"stdout": "", "stderr": ""}
+        self.attempt = doc["attempts"]
+
+    def update(self, doc: dict, event: dict | None) -> None:
+        self.doc = doc
+        if event is not None:
+            if event["attempt"] != self.attempt:
+                self.attempt, self.output = event["attempt"], {"stdout": "", "stderr": ""}
+            kept = (self.output[event["stream"]] + event["text"]).splitlines(keepends=True)[-TAIL_LINES:]
+            self.output[event["stream"]] = "".join(kept)
+
+    def __rich__(self) -> Group:
+        if self.doc["state"] in ("submitted", "running"):
+            return status_view({**self.doc, **self.output})
+        return status_view(self.doc)
+
+
+def jobs_table(jobs: list[dict]) -> Table:
+    """`sless list`: one row per job, newest first."""
+    table = Table(title=f"{len(jobs)} jobs, newest first")
+    for column in ("job", "state", "attempts", "submitted", "took", "worker", "error"):
+        table.add_column(column, no_wrap=column in ("job", "submitted"))
+    for job in jobs:
+        took = f"{job['duration_ms'] / 1000:.3f} s" if job.get("duration_ms") is not None else ""
+        error = f"{job['error']['type']}" if job.get("error") else ""
+        table.add_row(job["jobId"], Text(job["state"], style=STATE_STYLES.get(job["state"], "")),
+                      f"{job['attempts']}/{job['max_attempts']}", (job.get("submitted_at") or "").replace("T", " "),
+                      took, job.get("worker") or "", error)
+    return table
 
 
 def health_table(health: dict, daemon_ms: float) -> Table:

@@ -6,29 +6,36 @@ JSON, errors included: {"error": "<one sentence>"} with a fitting status code.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
+import math
 import re
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import bottle
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .errors import BadRequest, DependencyDown
+from .feed import START, check_cursor
 from .health import HealthChecker
 from .lifecycle import Lifecycle
+from .metrics import DaemonMetrics
 from .settings import Settings
 from .spec import EXECUTE_FIELDS, number_field, parse_body, parse_job
 from .states import JobState
-from .status import status_document
+from .status import status_document, summary_document
 from .store import derive
 
 log = logging.getLogger("sless.daemon")
 
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_S = 3600.0
-PUBLIC_ROUTES = {("GET", "/")}
+PUBLIC_ROUTES = {("GET", "/"), ("GET", "/openapi.json")}  # what a client needs before it has a token
 
 
 def json_response(status: int, payload: dict) -> bottle.HTTPResponse:
@@ -68,7 +75,9 @@ class Api:
         self.settings = settings
         self.lifecycle = lifecycle
         self.store = lifecycle.store
+        self.feed = lifecycle.feed
         self.health = health
+        self.counters = DaemonMetrics(lifecycle.queue)
 
     def index(self):
         return {"service": "sless", "status": "ok", "version": __version__}
@@ -95,6 +104,7 @@ class Api:
         spec = parse_job(parse_body(read_body(bottle.request, self.settings.max_body_bytes)), self.settings)
         stages = {"parse": time.perf_counter() - started}
         job_id = self.lifecycle.accept(spec, stages)
+        self.counters.submitted.inc()
         response = json_response(202, {"jobId": job_id, "status": JobState.SUBMITTED.value})
         response.set_header("Server-Timing", ", ".join(f"{name};dur={s * 1000:.3f}" for name, s in stages.items()))
         return response
@@ -104,6 +114,7 @@ class Api:
         spec = parse_job({k: v for k, v in data.items() if k != "wait_s"}, self.settings, EXECUTE_FIELDS)
         wait_s = number_field(data, "wait_s", spec.timeout_s + self.settings.execute_margin_s, 0, MAX_WAIT_S)
         submitted = self.lifecycle.accept_document(spec)
+        self.counters.submitted.inc()
         job_id = submitted["_id"]
         job = self.wait_for_end(submitted, wait_s)
         if job is None:
@@ -145,13 +156,101 @@ class Api:
         return json_response(202, status_document(self.lifecycle.reopen(job_id)))
 
     def status(self, job_id: str):
+        return status_document(self.job(job_id))
+
+    def job(self, job_id: str) -> dict:
+        """The job as of now; BadRequest 404 for an id no job has."""
         job = self.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
         if job is None:
-            return error_response(404, f"No job has the id {job_id[:64]!r}.")
-        return status_document(job)
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+        return job
+
+    def cancel(self, job_id: str):
+        if not JOB_ID_PATTERN.match(job_id):
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+        job, cancelled = self.lifecycle.cancel(job_id)
+        return json_response(200 if cancelled else 202, status_document(job))
+
+    def jobs(self):
+        """Recent jobs, newest first: `state`, `limit` (default 20) and `since` narrow them."""
+        query = bottle.request.query
+        state = query.get("state") or None
+        if state is not None and state not in STATES:
+            raise BadRequest(f"The parameter 'state' must be one of {', '.join(STATES)}; got {state[:64]!r}.")
+        limit = int(query_number(query, "limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT, whole=True))
+        since = query_time(query, "since")
+        listed = [summary_document(job) for job in self.store.recent(limit, since, state)]
+        return {"jobs": listed, "count": len(listed)}
+
+    def events(self, job_id: str):
+        """Long poll: the job's feed entries after `after`, waiting up to `wait_s` for one."""
+        query = bottle.request.query
+        after = query.get("after") or START
+        wait_s = query_number(query, "wait_s", DEFAULT_EVENTS_WAIT_S, 0, MAX_EVENTS_WAIT_S)
+        check_cursor(after)
+        if not (JOB_ID_PATTERN.match(job_id) and (self.feed.exists(job_id) or self.store.exists(job_id))):
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+        found, cursor = self.feed.read(job_id, after, wait_s)
+        return {"jobId": job_id, "cursor": cursor, "events": found}
+
+    def logs(self, job_id: str):
+        """The output of the job's latest attempt: from its feed while it runs, else from the record."""
+        job = self.job(job_id)
+        found, cursor = self.feed.history(job_id)
+        output = {"stdout": job.get("stdout", ""), "stderr": job.get("stderr", "")}
+        if job["state"] == JobState.RUNNING.value:
+            for stream in output:
+                output[stream] = "".join(e["text"] for e in found if e["kind"] == "output"
+                                         and e["attempt"] == job["attempts"] and e["stream"] == stream)
+        return {"jobId": job_id, "state": job["state"], "attempt": job["attempts"], **output, "cursor": cursor}
+
+    def metrics(self):
+        bottle.response.content_type = CONTENT_TYPE_LATEST
+        return generate_latest(self.counters.registry)
+
+    def openapi(self):
+        bottle.response.content_type = "application/json"
+        return openapi_document()
 
 
 WAKE_CHECK_S = 1.0  # read the record at least this often while waiting, in case an announcement is lost
+STATES = [state.value for state in JobState]
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 20, 1000
+DEFAULT_EVENTS_WAIT_S, MAX_EVENTS_WAIT_S = 25.0, 60.0
+
+
+def query_number(query, name: str, default: float, low: float, high: float, whole: bool = False) -> float:
+    """A number from the query string in [low, high], or the default when absent."""
+    text = query.get(name)
+    if text in (None, ""):
+        return default
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise BadRequest(f"The parameter {name!r} must be {kind}; got {text[:64]!r}.") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise BadRequest(f"The parameter {name!r} must be between {low:g} and {high:g}; got {text[:64]!r}.")
+    return value
+
+
+def query_time(query, name: str) -> datetime | None:
+    """An ISO 8601 time from the query string (UTC when it names no zone), or None."""
+    text = query.get(name)
+    if text in (None, ""):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"The parameter {name!r} must be an ISO 8601 time like 2026-11-28T17:00:00Z; "
+                         f"got {text[:64]!r}.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@functools.lru_cache(maxsize=1)
+def openapi_document() -> str:
+    """The API's OpenAPI 3 description, shipped beside this module (tests check it against the routes)."""
+    return (Path(__file__).parent / "openapi.json").read_text()
 
 
 def make_app(settings: Settings, lifecycle: Lifecycle, health: HealthChecker) -> bottle.Bottle:
@@ -166,7 +265,13 @@ def make_app(settings: Settings, lifecycle: Lifecycle, health: HealthChecker) ->
     app.route("/execute", "POST", api.execute)
     app.route("/status/<job_id>", "GET", api.status)
     app.route("/retry/<job_id>", "POST", api.retry)
-    app.install(error_plugin(settings))
+    app.route("/cancel/<job_id>", "POST", api.cancel)
+    app.route("/jobs", "GET", api.jobs)
+    app.route("/events/<job_id>", "GET", api.events)
+    app.route("/logs/<job_id>", "GET", api.logs)
+    app.route("/metrics", "GET", api.metrics)
+    app.route("/openapi.json", "GET", api.openapi)
+    app.install(error_plugin(settings, api.counters))
     for code, message in ((404, "No such endpoint."), (405, "This endpoint does not allow that method.")):
         app.error(code)(_json_error(code, message))
     app.error(500)(_json_error(500, "Internal error; the daemon's log has the details."))
@@ -187,7 +292,7 @@ def _json_error(code: int, message: str):
     return handler
 
 
-def error_plugin(settings: Settings):
+def error_plugin(settings: Settings, counters: DaemonMetrics):
     """Turn sless errors into JSON answers; check the token before any route runs."""
 
     def plugin(callback):
@@ -196,9 +301,11 @@ def error_plugin(settings: Settings):
                 check_token(bottle.request, settings.api_token)
                 return callback(*args, **kwargs)
             except BadRequest as e:
+                counters.rejected.labels(str(e.status)).inc()
                 return error_response(e.status, str(e))
             except DependencyDown as e:
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
+                counters.rejected.labels("503").inc()
                 return error_response(503, unavailable_message(e.dependency, bottle.request.method))
 
         return wrapper

@@ -34,12 +34,15 @@ class CappedBuffer:
     def total(self) -> int:
         return self.kept + self.dropped
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes) -> bytes:
+        """Keep what fits; returns the part kept."""
         room = self.limit - self.kept
-        if room > 0:
-            self.chunks.append(data[:room])
-            self.kept += min(room, len(data))
-        self.dropped += max(0, len(data) - max(room, 0))
+        kept = data[:room] if room > 0 else b""
+        if kept:
+            self.chunks.append(kept)
+            self.kept += len(kept)
+        self.dropped += len(data) - len(kept)
+        return kept
 
     def text(self) -> str:
         text = b"".join(self.chunks).decode("utf-8", errors="replace")
@@ -57,15 +60,19 @@ class Capture:
         self.report_buffer = CappedBuffer(limits.result_bytes + REPORT_SLACK_BYTES)
         self.flood_bytes = flood_bytes
 
-    def pump(self, pipes, exit_fd: int, request: bytes, deadline: float) -> str:
-        """Move bytes until every pipe closes, the deadline passes or output floods.
+    def pump(self, pipes, exit_fd: int, request: bytes, deadline: float, watch: Watch | None = None) -> str:
+        """Move bytes until every pipe closes, the deadline passes, output floods or the
+        attempt is cancelled.
 
         `pipes` are the worker's ends (jobhost.AttemptPipes); `exit_fd` becomes readable
-        when the attempt's process tree has ended. Returns why it stopped: "exited",
-        "timeout" or "output_limit". The pipes are closed on return.
+        when the attempt's process tree has ended; `watch` (optional) gets the output as
+        it comes and says when the attempt is cancelled. Returns why it stopped:
+        "exited", "timeout", "output_limit" or "cancelled". The pipes are closed on return.
         """
         selector = selectors.DefaultSelector()
+        watch = watch or Watch()
         try:
+            names = {pipes.stdout: "stdout", pipes.stderr: "stderr"}
             sinks = {pipes.stdout: self.stdout, pipes.stderr: self.stderr, pipes.report: self.report_buffer}
             for fd in sinks:
                 os.set_blocking(fd, False)
@@ -79,7 +86,9 @@ class Capture:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "exited" if exited else "timeout"
-                for key, _ in selector.select(remaining):
+                if not exited and watch.cancelled():
+                    return "cancelled"
+                for key, _ in selector.select(min(remaining, watch.interval_s)):
                     if key.fd == exit_fd:
                         selector.unregister(exit_fd)
                         exited = True
@@ -87,7 +96,9 @@ class Capture:
                     elif key.fd == pipes.stdin:
                         pending = self._feed(selector, pipes, pending)
                     else:
-                        self._drain(selector, key.fd, sinks[key.fd])
+                        kept = self._drain(selector, key.fd, sinks[key.fd])
+                        if kept and key.fd in names:
+                            watch.output(names[key.fd], kept)
                         if key.fd == pipes.report and pipes.report not in selector.get_map():
                             exited = True  # the report is complete: what is left gets a moment, then dies
                             deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
@@ -95,6 +106,7 @@ class Capture:
                     return "output_limit"
             return "exited"
         finally:
+            watch.done()
             selector.close()
             pipes.close()
 
@@ -121,12 +133,32 @@ class Capture:
         return pending
 
     @staticmethod
-    def _drain(selector, fd: int, sink: CappedBuffer) -> None:
+    def _drain(selector, fd: int, sink: CappedBuffer) -> bytes:
+        """Read what the pipe has into its sink; returns the part kept."""
         try:
             data = os.read(fd, READ_CHUNK_BYTES)
         except BlockingIOError:
-            return
+            return b""
         if data:
-            sink.add(data)
-        else:
-            selector.unregister(fd)
+            return sink.add(data)
+        selector.unregister(fd)
+        return b""
+
+
+class Watch:
+    """What the capture loop tells and asks while an attempt runs; this one does nothing.
+
+    The worker's (worker.AttemptWatch) publishes output to the job's feed and checks for
+    a cancel request every `interval_s`.
+    """
+
+    interval_s = 3600.0
+
+    def output(self, stream: str, data: bytes) -> None:
+        """Bytes the attempt wrote on "stdout" or "stderr" (only what the cap kept)."""
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> None:
+        """The attempt's pipes are closing: publish what is left."""

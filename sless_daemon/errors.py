@@ -1,5 +1,11 @@
 """The exceptions sless raises; foreign errors are wrapped where they enter."""
 
+import functools
+
+import redis
+
+REDIS = "Redis"
+
 
 class SlessError(Exception):
     """Base class of every error sless raises on purpose."""
@@ -27,3 +33,20 @@ class DependencyDown(SlessError):
 
 class SandboxUnavailable(SlessError):
     """Raised when the sandbox cannot be created on this machine."""
+
+
+def redis_call(method):
+    """Wrap redis-py errors as DependencyDown("Redis").
+
+    Besides connection errors and timeouts this covers a Redis that answers but
+    refuses (out of memory, read-only replica, still loading): unavailable either way.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as e:
+            raise DependencyDown(REDIS, str(e)[:300]) from e
+
+    return wrapper

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .capture import Capture
+from .capture import Capture, Watch
 from .errors import SandboxUnavailable
 from .jobhost import REAP_TIMEOUT_S, AttemptPipes, JobHost
 from .limits import Limits, default_limits
@@ -51,6 +51,7 @@ class Ordered:
     limits: Limits
     workdir: str | None
     ordered_at: float
+    start_ms: float  # how long the fork server took to make it (a new server's start included)
 
 
 class Executor:
@@ -74,10 +75,11 @@ class Executor:
         self.spare: Ordered | None = None
         self.default_limits = default_limits(settings)
 
-    def run(self, spec: JobSpec, context: dict | None = None) -> AttemptOutcome:
+    def run(self, spec: JobSpec, context: dict | None = None, watch: Watch | None = None) -> AttemptOutcome:
         """Run one attempt to its end and return its outcome; never raises for user faults.
 
-        `context` (job_id, attempt, ...) reaches functions that take a second parameter.
+        `context` (job_id, attempt, ...) reaches functions that take a second parameter;
+        `watch` (capture.Watch) sees the output as it comes and can cancel the attempt.
         """
         request = json.dumps({"code": spec.code, "input": spec.input, "entry": spec.entry,
                               "context": context or {}}).encode()
@@ -88,7 +90,7 @@ class Executor:
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
             ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
-                                    deadline=started + spec.timeout_s)
+                                    deadline=started + spec.timeout_s, watch=watch)
             status, breaches = ordered.host.end()
         except BaseException:
             ordered.host.stop()  # its status is unread: it must not be taken for the next attempt's
@@ -100,7 +102,7 @@ class Executor:
         report = capture.report()
         error, result = classify(spec, self.settings, Ending(ended_by, -signal.SIGKILL if status is None else status,
                                                              duration_s, breaches), report, stderr)
-        timings.update(_code_times(report))
+        timings.update(_code_times(report), sandbox_start_ms=ordered.start_ms)
         return AttemptOutcome(result, error, capture.stdout.text(), stderr, round(duration_s * 1000, 3), timings)
 
     def prepare(self) -> None:
@@ -163,6 +165,7 @@ class Executor:
     def _order(self, limits: Limits) -> Ordered:
         """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone."""
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
+        started = time.perf_counter()
         try:
             host = self._ready_host()
             try:
@@ -176,7 +179,7 @@ class Executor:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return Ordered(host, pipes, limits, workdir, time.time())
+        return Ordered(host, pipes, limits, workdir, time.time(), round((time.perf_counter() - started) * 1000, 3))
 
 
 def _code_times(report: str | None) -> dict:
@@ -208,7 +211,7 @@ def reap_orphans() -> None:
 class Ending:
     """How an attempt's process ended, as far as the worker can see."""
 
-    ended_by: str  # "exited", "timeout" or "output_limit" (capture.Capture.pump)
+    ended_by: str  # "exited", "timeout", "output_limit" or "cancelled" (capture.Capture.pump)
     status: int  # exit code, -signal, or bubblewrap's 128 + signal
     duration_s: float
     breaches: frozenset[str]  # cgroup limits that were hit: "memory", "processes"
@@ -219,6 +222,8 @@ def classify(spec: JobSpec, settings: Settings, ending: Ending, report: str | No
     ended_by = ending.ended_by
     if ended_by == "timeout":
         return failed(ErrorType.TIMEOUT, f"The attempt ran past its {spec.timeout_s:g} s time limit and was killed."), None
+    if ended_by == "cancelled":
+        return failed(ErrorType.CANCELLED, "Cancelled on request; the attempt's sandbox was killed."), None
     if ended_by == "output_limit":
         return failed(ErrorType.OUTPUT_LIMIT, f"The attempt wrote more than {settings.max_output_flood_bytes} bytes "
                                               "of output and was killed."), None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from .errors import BadRequest, DependencyDown
+from .feed import Feed
 from .outcome import AttemptOutcome, failed
 from .queue import JobQueue
 from .settings import Settings
@@ -23,6 +24,10 @@ from .states import ErrorType, JobState
 from .store import OutcomeStore, settle_event
 
 log = logging.getLogger(__name__)
+
+
+CANCELLED = "Cancelled on request."
+CANCELLED_BEFORE_START = "Cancelled on request before the attempt started."
 
 
 def utcnow() -> datetime:
@@ -71,6 +76,7 @@ class Lifecycle:
         self.settings = settings
         self.store = store
         self.queue = queue
+        self.feed = Feed(queue.connection)
         self.owner = owner
 
     def accept(self, spec: JobSpec, stages: dict | None = None) -> str:
@@ -153,7 +159,14 @@ class Lifecycle:
         return self._settle([self._failure(job, error, fields)])[0]
 
     def _failure(self, job: dict, error: dict, fields: dict) -> Settlement:
-        decision = decide_after_failure(job["attempts"], job["retries"] + 1, ErrorType(error["type"]), self.settings)
+        """A failed attempt's settlement: retry, failed, or cancelled (killed on request, or
+        failed by itself while a cancel was pending: the retry would only be cancelled)."""
+        kind = ErrorType(error["type"])
+        decision = decide_after_failure(job["attempts"], job["retries"] + 1, kind, self.settings)
+        if kind == ErrorType.CANCELLED or (decision.retry and self._cancel_requested(job["_id"], job["attempts"])):
+            why = error if kind == ErrorType.CANCELLED else failed(ErrorType.CANCELLED, CANCELLED)
+            changes = {**fields, "state": JobState.CANCELLED.value, "error": why}
+            return Settlement(job, changes, {**error, "at": utcnow()}, Decision(False))
         if decision.retry:
             retry_at = utcnow() + timedelta(seconds=decision.delay_s)
             changes = {**fields, "state": JobState.SUBMITTED.value, "error": error, "worker": None,
@@ -226,6 +239,45 @@ class Lifecycle:
         job = self.store.get(job_id)
         self.queue.enqueue(job, job["attempts"])
         return job
+
+    def cancel(self, job_id: str) -> tuple[dict, bool]:
+        """Cancel a job: the job as of now, and whether it is cancelled already.
+
+        A job waiting for a worker (queued, or for its retry) is cancelled at once: its
+        next attempt is claimed for nobody, so no worker can run it, and settled as
+        cancelled. A running attempt is asked to stop (durably in MongoDB, and in Redis
+        for its worker, which kills its sandbox within a quarter second); the answer
+        comes before it has. Raises BadRequest: 404 unknown id, 409 already ended.
+        """
+        job = self.store.get(job_id)
+        if job is None:
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+        if JobState(job["state"]).is_terminal:
+            raise BadRequest(f"Job {job_id} already ended ({job['state']}); there is nothing to cancel.", 409)
+        if job["state"] == JobState.SUBMITTED.value:
+            attempt = job["attempts"] + 1
+            if self.store.fence(job_id, attempt, self.owner):
+                changes = {"state": JobState.CANCELLED.value, "finished_at": utcnow(), "worker": None,
+                           "retry_at": None, "error": failed(ErrorType.CANCELLED, CANCELLED_BEFORE_START)}
+                self._settle([Settlement({**job, "attempts": attempt}, changes, None, Decision(False))])
+                self.store.forget_retry(job_id, job["attempts"])
+                return self.store.get(job_id), True
+            job = self.store.get(job_id)  # a worker claimed that attempt just now
+        if job["state"] == JobState.RUNNING.value:
+            self.store.request_cancel(job_id, job["attempts"], self.owner, utcnow())
+            self.queue.request_cancel(job_id, job["attempts"])
+            return job, False
+        return self.cancel(job_id)  # it ended or moved on meanwhile: decide again
+
+    def _cancel_requested(self, job_id: str, attempt: int) -> bool:
+        """Whether a cancel of this attempt is pending: Redis first, MongoDB if Redis says no
+        or is away (only on failure paths: the read scans FerretDB's events)."""
+        try:
+            if self.queue.cancel_requested(job_id, attempt):
+                return True
+        except DependencyDown:
+            pass
+        return self.store.cancel_requested(job_id, attempt)
 
     def lose(self, lease: dict, why: str) -> tuple[dict, Decision] | None:
         """Recover the attempt a gone worker held (its lease): retry it or fail it as worker_lost.

@@ -10,7 +10,6 @@ wakes at once instead of polling MongoDB.
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from datetime import datetime, timezone
@@ -20,34 +19,21 @@ import rq
 from bson import json_util
 from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
-from .errors import DependencyDown
+from . import feed
+from .errors import redis_call
+from .metrics import count_settled
 
-REDIS = "Redis"
 SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
 SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody else reads it
 ANNOUNCED_EVENT_MAX_BYTES = 4096
 EVENT_JSON = json_util.JSONOptions(tz_aware=True, tzinfo=timezone.utc)
+CANCEL_KEY = "sless:cancel:"  # + job id: the attempt to cancel (lifecycle.cancel), read by its worker
+CANCEL_TTL_S = 24 * 3600
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
 # RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
 # and RQ's alarm would cut short a worker that keeps a finished outcome while MongoDB is away.
-
-
-def redis_call(method):
-    """Wrap redis-py errors as DependencyDown("Redis").
-
-    Besides connection errors and timeouts this covers a Redis that answers but
-    refuses (out of memory, read-only replica, still loading): unavailable either way.
-    """
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except redis.RedisError as e:
-            raise DependencyDown(REDIS, str(e)[:300]) from e
-
-    return wrapper
 
 
 def _will_start(status: bytes | None, started_at: bytes | None, now: datetime, grace_s: float) -> bool:
@@ -110,7 +96,9 @@ class JobQueue:
 
         An event larger than ANNOUNCED_EVENT_MAX_BYTES (a big result or output) is
         announced without its outcome, and its waiter reads the record: every job is
-        announced, waited for or not, so the lists must stay small.
+        announced, waited for or not, so the lists must stay small. The same pipeline
+        appends the new state to the job's feed (feed.py) and counts the attempt for
+        `GET /metrics` (metrics.py).
         """
         if not events:
             return
@@ -121,6 +109,8 @@ class JobQueue:
                     text = json_util.dumps({k: event[k] for k in ("job_id", "attempt", "state")})
                 pipe.rpush(SETTLED_KEY + event["job_id"], text)
                 pipe.expire(SETTLED_KEY + event["job_id"], SETTLED_TTL_S)
+                feed.append(pipe, event["job_id"], feed.state_entry(event["attempt"], event["state"]))
+                count_settled(pipe, self.name, event)
             pipe.execute()
 
     @redis_call
@@ -128,6 +118,15 @@ class JobQueue:
         """Block until an attempt of the job is recorded (its settle event) or `timeout_s` passes."""
         found = self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s))
         return json_util.loads(found[1], json_options=EVENT_JSON) if found else None
+
+    @redis_call
+    def request_cancel(self, job_id: str, attempt: int) -> None:
+        """Ask the worker running this attempt to kill it (it checks while the attempt runs)."""
+        self.connection.set(CANCEL_KEY + job_id, attempt, ex=CANCEL_TTL_S)
+
+    @redis_call
+    def cancel_requested(self, job_id: str, attempt: int) -> bool:
+        return self.connection.get(CANCEL_KEY + job_id) == str(attempt).encode()
 
     @redis_call
     def resend(self, job: dict, attempts: int) -> None:
@@ -179,6 +178,18 @@ class JobQueue:
     def depth(self) -> int:
         """Jobs waiting in the queue now (not counting retries waiting for their time)."""
         return self.rq_queue.count
+
+    @redis_call
+    def oldest_wait_s(self) -> float:
+        """How long the message at the head of the queue has waited (0 when none)."""
+        head = self.connection.lindex(self.rq_queue.key, 0)
+        if head is None:
+            return 0.0
+        enqueued = self.connection.hget(rq.job.Job.redis_job_namespace_prefix + head.decode(), "enqueued_at")
+        if not enqueued:
+            return 0.0
+        return max(0.0, (datetime.now(timezone.utc) - utcparse(enqueued.decode()).replace(tzinfo=timezone.utc))
+                   .total_seconds())
 
     @redis_call
     def live_workers(self) -> int:

@@ -28,7 +28,7 @@ class Settings:
     mongo_url: str = _setting("mongodb://127.0.0.1:27017", doc="MongoDB (or FerretDB) holding outcomes")
     mongo_db: str = _setting("sless", doc="database name; the `jobs` collection lives there")
     queue_name: str = _setting("compute-tasks", doc="RQ queue workers consume")
-    api_token: str = _setting("", doc="when set, every endpoint but GET / needs `Authorization: Bearer <token>`")
+    api_token: str = _setting("", doc="when set, every endpoint but GET / and GET /openapi.json needs `Authorization: Bearer <token>`")
     # A job's document holds its code and input (body), stdout and stderr and the result: the
     # maxima below keep it under MongoDB's 16 MiB document limit (1 + 2 * 4 + 4 < 16).
     max_body_bytes: int = _setting(1 << 20, 1024, 2 << 20, doc="largest accepted request body")
@@ -67,6 +67,10 @@ class Settings:
     orphan_grace_s: float = _setting(5.0, 0.5, 3600, doc="how long a waiting job may be missing from Redis before it is enqueued again")
     orphan_scan_interval_s: float = _setting(60.0, 1, 86400, doc="how often waiting jobs are checked against Redis when Redis kept its data")
     shutdown_grace_s: float = _setting(30.0, 0, 3600, doc="how long stopping workers may finish running jobs")
+    autoscale_jobs_per_worker: int = _setting(20, 1, 100000, doc="autoscaling: queued jobs per worker it aims for")
+    autoscale_max_wait_s: float = _setting(1.0, 0, 3600, doc="autoscaling: one more worker while the oldest queued job has waited longer")
+    autoscale_idle_s: float = _setting(10.0, 0.5, 86400, doc="autoscaling: empty queue this long before a worker retires (then one per half of it)")
+    autoscale_max_step: int = _setting(2, 1, 256, doc="autoscaling: most workers started per second")
     health_timeout_s: float = _setting(0.8, 0.05, 10, doc="deadline of one dependency check")
     log_format: str = _setting("text", doc="`text` (one readable line) or `json` (one object per line)")
     log_level: str = _setting("INFO", doc="logging level name")

@@ -67,6 +67,8 @@ def parse_job(data: dict, settings: Settings, allowed: tuple[str, ...] = JOB_FIE
         raise BadRequest(f"The field 'code' must be a string, not a JSON {_json_kind(code)}.")
     if not code.strip():
         raise BadRequest("The field 'code' is empty.")
+    if "\x00" in code:
+        raise BadRequest("The field 'code' contains a NUL character (\\u0000), which Python source cannot hold.")
     return JobSpec(
         code=code,
         input=data.get("input"),

@@ -10,10 +10,11 @@ class JobState(str, Enum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by `POST /cancel`: before it started, or its sandbox was killed
 
     @property
     def is_terminal(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED)
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
 TERMINAL_STATES = [s.value for s in JobState if s.is_terminal]
@@ -36,10 +37,11 @@ class ErrorType(str, Enum):
     RESULT_LIMIT = "result_limit"  # the JSON result is larger than allowed
     CRASHED = "crashed"  # the attempt's process died without reporting
     WORKER_LOST = "worker_lost"  # the worker running the attempt disappeared
+    CANCELLED = "cancelled"  # cancelled on request (`POST /cancel`)
 
     @property
     def retryable(self) -> bool:
         """Deterministic failures of the code itself are not worth another attempt."""
         return self not in (ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT,
                             ErrorType.OUTPUT_LIMIT, ErrorType.PROCESS_LIMIT, ErrorType.OPEN_FILES_LIMIT,
-                            ErrorType.FILE_SIZE_LIMIT, ErrorType.DISK_LIMIT)
+                            ErrorType.FILE_SIZE_LIMIT, ErrorType.DISK_LIMIT, ErrorType.CANCELLED)

@@ -32,3 +32,13 @@ def status_document(job: dict) -> dict:
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 in UTC with milliseconds, or None."""
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
+
+
+SUMMARY_FIELDS = ("jobId", "state", "attempts", "max_attempts", "submitted_at", "started_at", "finished_at",
+                  "duration_ms", "worker", "error")
+
+
+def summary_document(job: dict) -> dict:
+    """A job in a listing (`GET /jobs`): the status document without result, output or limits."""
+    document = status_document({**job, "result_json": None})
+    return {field: document[field] for field in SUMMARY_FIELDS}

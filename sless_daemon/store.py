@@ -47,6 +47,9 @@ DUPLICATE_KEY = 11000
 SOCKET_TIMEOUT_MS = 4000  # well under a lease (10 s): a stalled renewal fails and the next one comes
 # what the orphan scan reads of each event (the output and result stay on the server)
 EVENT_SUMMARY = {"job_id": 1, "attempt": 1, "step": 1, "state": 1, "retry_at": 1, "retries": 1}
+# what a job listing reads of each event: all but the output and the result
+EVENT_WITHOUT_OUTPUT = {"changes.stdout": 0, "changes.stderr": 0, "changes.result_json": 0}
+LIST_BATCH = 500
 
 
 def guard_key(job_id: str, attempt: int, step: str) -> str:
@@ -172,13 +175,17 @@ class OutcomeStore:
             if settle is None:
                 return derive(job, events, [lease] if lease else [])
             events.append(settle)
-            if settle["state"] == JobState.COMPLETED.value:
+            if settle["state"] in (JobState.COMPLETED.value, JobState.CANCELLED.value):
                 return derive(job, events, [])
             if settle["state"] == JobState.FAILED.value:
                 reopen = self.events.find_one({"_id": guard_key(job_id, attempt, "reopen")})
                 if reopen is None:
                     return derive(job, events, [])
                 events.append(reopen)
+
+    @mongo_call
+    def exists(self, job_id: str) -> bool:
+        return self.jobs.find_one({"_id": job_id}, {"_id": 1}) is not None
 
     @mongo_call
     def claim(self, job_id: str, attempt: int, worker: str, now: datetime, lease_until: datetime) -> bool:
@@ -208,8 +215,24 @@ class OutcomeStore:
         Its first attempt is claimed for nobody first: if the message reached Redis after
         all (the answer was lost), no worker can run it.
         """
-        self._insert_event(job_id, 1, "claim", "(withdrawn)")
+        self.fence(job_id, 1, "(withdrawn)")
         self.jobs.delete_one({"_id": job_id})
+
+    @mongo_call
+    def fence(self, job_id: str, attempt: int, owner: str) -> bool:
+        """Claim an attempt for nobody, so no worker ever runs it (a cancel before it started);
+        False if a worker claimed it first."""
+        return self._insert_event(job_id, attempt, "claim", owner)
+
+    @mongo_call
+    def request_cancel(self, job_id: str, attempt: int, owner: str, now: datetime) -> None:
+        """Note, durably, that the running attempt is to be cancelled: whoever settles it
+        as lost, or as failed with retries left, cancels the job instead."""
+        self._insert_event(job_id, attempt, "cancel", owner, at=now)
+
+    @mongo_call
+    def cancel_requested(self, job_id: str, attempt: int) -> bool:
+        return self.events.find_one({"_id": guard_key(job_id, attempt, "cancel")}, {"_id": 1}) is not None
 
     @mongo_call
     def renew_lease(self, job_id: str, attempt: int, worker: str, until: datetime) -> None:
@@ -327,6 +350,31 @@ class OutcomeStore:
             events.setdefault(event["job_id"], []).append(event)
         return [derive(job, events.get(job["_id"], []), leases.get(job["_id"], []))
                 for job in self.jobs.find({}, {"code": 0, "input_json": 0})]
+
+    @mongo_call
+    def recent(self, limit: int, since: datetime | None = None, state: str | None = None) -> list[dict]:
+        """The newest jobs (submitted at or after `since`), as of now, without code, input or
+        output; only those in `state` when given. For operators (`GET /jobs`), not a job's path:
+        FerretDB decodes every event to filter them by job."""
+        found = self.jobs.find({"submitted_at": {"$gte": since}} if since else {},
+                               {"code": 0, "input_json": 0}).sort("submitted_at", -1)
+        jobs, listed = list(found), []
+        for start in range(0, len(jobs), LIST_BATCH):
+            batch = jobs[start:start + LIST_BATCH]
+            ids = {"job_id": {"$in": [job["_id"] for job in batch]}}
+            leases: dict[str, list[dict]] = {}
+            for lease in self.leases.find(ids):  # before the events, as in `get`
+                leases.setdefault(lease["job_id"], []).append(lease)
+            events: dict[str, list[dict]] = {}
+            for event in self.events.find(ids, EVENT_WITHOUT_OUTPUT):
+                events.setdefault(event["job_id"], []).append(event)
+            for job in batch:
+                now = derive(job, events.get(job["_id"], []), leases.get(job["_id"], []))
+                if state is None or now["state"] == state:
+                    listed.append(now)
+                if len(listed) == limit:
+                    return listed
+        return listed
 
     def waiting_since(self, before: datetime, limit: int = 2000) -> list[dict]:
         """Jobs waiting for a worker since before `before` (queued, or retries that are due).

@@ -17,10 +17,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .capture import Watch
 from .consumer import Consumer
 from .errors import DependencyDown
 from .errors import SandboxUnavailable
 from .executor import Executor, become_subreaper
+from .feed import OutputFeed, state_entry
 from .lifecycle import Lifecycle
 from .limits import from_document
 from .logs import configure_logging, summarize
@@ -29,7 +31,7 @@ from .queue import JobQueue, connect_redis
 from .sandbox import Sandbox, build_sandbox
 from .settings import Settings
 from .spec import JobSpec
-from .states import ErrorType
+from .states import ErrorType, JobState
 from .store import OutcomeStore, connect_mongo
 
 log = logging.getLogger("sless.worker")
@@ -78,14 +80,15 @@ class AttemptRunner:
         context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
         keeper = LeaseKeeper(self.lifecycle, job)
-        outcome = self.execute(spec, context)
+        watch = AttemptWatch(self.lifecycle, job_id, job["attempts"], self.worker_name)
+        outcome = self.execute(spec, context, watch)
         self.recorder.submit(Finished(job, outcome, timings, fields, keeper))
         self.executor.prepare()
 
-    def execute(self, spec: JobSpec, context: dict) -> AttemptOutcome:
+    def execute(self, spec: JobSpec, context: dict, watch: Watch) -> AttemptOutcome:
         """Run the attempt; a fault of the executor itself fails the attempt, not the worker."""
         try:
-            return self.executor.run(spec, context)
+            return self.executor.run(spec, context, watch)
         except Exception as e:  # noqa: BLE001 - a poison job must never stop the worker loop
             log.exception("job %s: the executor failed", context["job_id"], extra={"job_id": context["job_id"]})
             return AttemptOutcome(error=failed(ErrorType.CRASHED, f"The executor failed: {type(e).__name__}: {e}"))
@@ -153,6 +156,46 @@ class Recorder:
                 for finished in batch:
                     finished.keeper.close()
                     self.pending.task_done()
+
+
+class AttemptWatch(Watch):
+    """Tells the job's feed that the attempt runs and what it writes; asks Redis, every
+    `interval_s` once the attempt has run that long, whether it was cancelled.
+
+    A job of a few milliseconds costs one feed entry and no cancel check. Redis being
+    away never stops the attempt: its feed is incomplete and a cancel waits.
+    """
+
+    interval_s = 0.25
+
+    def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str):
+        self.queue = lifecycle.queue
+        self.job_id = job_id
+        self.attempt = attempt
+        self.output_feed = OutputFeed(lifecycle.feed, job_id, attempt)
+        self.next_check = time.monotonic() + self.interval_s
+        try:
+            lifecycle.feed.publish(job_id, state_entry(attempt, JobState.RUNNING.value, worker))
+        except DependencyDown as e:
+            log.warning("job %s: cannot tell its feed it started (%s)", job_id, e, extra={"job_id": job_id})
+
+    def output(self, stream: str, data: bytes) -> None:
+        self.output_feed.add(stream, data)
+        self.output_feed.flush()
+
+    def cancelled(self) -> bool:
+        self.output_feed.flush()  # what a quiet job wrote last still goes out within a flush period
+        now = time.monotonic()
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.interval_s
+        try:
+            return self.queue.cancel_requested(self.job_id, self.attempt)
+        except DependencyDown:
+            return False
+
+    def done(self) -> None:
+        self.output_feed.flush(final=True)
 
 
 class LeaseKeeper:

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .autoscale import Autoscaler, Policy, QueueView
 from .errors import DependencyDown
 from .lifecycle import Lifecycle
 from .queue import JobQueue, connect_redis
@@ -35,6 +36,7 @@ PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 FAST_CRASH_S = 2.0  # a worker that dies sooner than this after start is crash-looping
 MAX_RESPAWN_DELAY_S = 10.0
+AUTOSCALE_TICK_S = 1.0
 
 
 @dataclass
@@ -48,6 +50,7 @@ class WorkerSlot:
     generation: int = 0
     respawn_at: float = 0.0
     crash_streak: int = field(default=0)
+    retiring: bool = False  # autoscaling stopped it warm: once it exits, the slot goes
 
 
 def worker_name(pool_id: str, index: int, generation: int) -> str:
@@ -56,12 +59,14 @@ def worker_name(pool_id: str, index: int, generation: int) -> str:
 
 
 class WorkerPool:
-    """Keeps `count` worker processes alive until stopped."""
+    """Keeps `count` worker processes alive until stopped; with an autoscaler, between its
+    MIN and MAX as the queue asks (autoscale.py)."""
 
     def __init__(self, lifecycle: Lifecycle, count: int, env: dict[str, str], sweep_interval_s: float,
-                 grace_s: float, insecure: bool = False):
+                 grace_s: float, insecure: bool = False, autoscaler: Autoscaler | None = None):
         self.lifecycle = lifecycle
-        self.slots = [WorkerSlot(i) for i in range(count)]
+        self.autoscaler = autoscaler
+        self.slots = [WorkerSlot(i) for i in range(autoscaler.policy.minimum if autoscaler else count)]
         self.env = env
         self.sweep_interval_s = sweep_interval_s
         self.grace_s = grace_s
@@ -78,9 +83,12 @@ class WorkerPool:
         log.info("worker pool %s starting %d workers", self.pool_id, len(self.slots))
         for slot in self.slots:
             self.spawn(slot)
-        next_sweep = 0.0
+        next_sweep = next_scale = 0.0
         while not self.stop_requested.wait(POLL_S):
             self.replace_dead()
+            if self.autoscaler and time.monotonic() >= next_scale:
+                self.scale()
+                next_scale = time.monotonic() + AUTOSCALE_TICK_S
             if time.monotonic() >= next_sweep:
                 try:
                     self.recovery.sweep()
@@ -100,15 +108,48 @@ class WorkerPool:
         slot.started_at = time.monotonic()
         log.info("worker %s started (pid %d)", slot.name, slot.process.pid, extra={"worker": slot.name})
 
+    def scale(self) -> None:
+        """Start or retire workers toward the autoscaler's target for this tick."""
+        try:
+            view = QueueView(self.lifecycle.queue.depth(), self.lifecycle.queue.oldest_wait_s(), time.monotonic())
+        except DependencyDown as e:
+            log.warning("autoscaling paused: %s", e)
+            return
+        active = [slot for slot in self.slots if not slot.retiring]
+        target = self.autoscaler.decide(len(active), view)
+        if target != len(active):
+            log.info("autoscaling from %d to %d workers (queue depth %d, oldest waited %.1f s)", len(active), target,
+                     view.depth, view.oldest_wait_s)
+        for _ in range(target - len(active)):
+            used = {slot.index for slot in self.slots}
+            slot = WorkerSlot(next(i for i in range(len(self.slots) + 1) if i not in used))
+            self.slots.append(slot)
+            self.spawn(slot)
+        for slot in sorted(active, key=lambda s: s.index, reverse=True)[:max(0, len(active) - target)]:
+            self.retire(slot)
+
+    def retire(self, slot: WorkerSlot) -> None:
+        """Stop a worker warm (it finishes and records its job); its slot goes when it has exited."""
+        slot.retiring = True
+        if slot.process is not None and slot.process.poll() is None:
+            slot.process.send_signal(signal.SIGTERM)
+            log.info("worker %s retiring", slot.name, extra={"worker": slot.name})
+
     def replace_dead(self) -> None:
         """Recover the jobs of workers that died, then start replacements (with backoff)."""
         now = time.monotonic()
-        for slot in self.slots:
+        for slot in list(self.slots):
             if slot.process is not None and slot.process.poll() == SANDBOX_UNAVAILABLE_EXIT:
                 log.critical("worker %s could not create its sandbox (see above); stopping the pool", slot.name)
                 self.exit_code = SANDBOX_UNAVAILABLE_EXIT
                 self.stop_requested.set()
                 return
+            if slot.retiring and (slot.process is None or slot.process.poll() is not None):
+                if slot.process is not None:
+                    self.bury(slot, f"worker {slot.name} was retired during the attempt")
+                log.info("worker %s retired", slot.name, extra={"worker": slot.name})
+                self.slots.remove(slot)
+                continue
             if slot.process is not None and slot.process.poll() is not None:
                 self.bury(slot, f"worker {slot.name} exited with code {slot.process.returncode} during the attempt")
                 slot.crash_streak = slot.crash_streak + 1 if now - slot.started_at < FAST_CRASH_S else 0
@@ -143,7 +184,8 @@ class WorkerPool:
         live = [s for s in self.slots if s.process is not None and s.process.poll() is None]
         log.info("stopping %d workers (grace %.0f s)", len(live), self.grace_s)
         for slot in live:
-            slot.process.send_signal(signal.SIGTERM)
+            if not slot.retiring:  # one SIGTERM only: a second would stop it cold
+                slot.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         for slot in live:
             try:
@@ -168,10 +210,17 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def build_pool(settings: Settings, count: int, insecure: bool = False) -> WorkerPool:
-    """Wire a pool whose workers inherit these settings through `SLESS_*` variables."""
+def build_pool(settings: Settings, count: int, insecure: bool = False,
+               autoscale: tuple[int, int] | None = None) -> WorkerPool:
+    """Wire a pool whose workers inherit these settings through `SLESS_*` variables;
+    `autoscale` (MIN, MAX) makes its size follow the queue."""
     store = OutcomeStore(connect_mongo(settings.mongo_url), settings.mongo_db)
     owner = f"pool.{socket.gethostname()}.{os.getpid()}"
     lifecycle = Lifecycle(settings, store, JobQueue(connect_redis(settings.redis_url), settings.queue_name), owner)
     env = {**os.environ, **settings.to_env()}
-    return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s, insecure)
+    autoscaler = None
+    if autoscale:
+        policy = Policy(autoscale[0], autoscale[1], settings.autoscale_jobs_per_worker, settings.autoscale_max_wait_s,
+                        settings.autoscale_idle_s, settings.autoscale_max_step)
+        autoscaler = Autoscaler(policy, time.monotonic())
+    return WorkerPool(lifecycle, count, env, settings.sweep_interval_s, settings.shutdown_grace_s, insecure, autoscaler)

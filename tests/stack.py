@@ -111,7 +111,7 @@ class Stack:
         def done() -> bool:
             nonlocal doc
             doc = self.get(f"/status/{job_id}").json()
-            return doc["state"] in ("completed", "failed")
+            return doc["state"] in ("completed", "failed", "cancelled")
 
         wait_until(done, timeout_s, f"job {job_id} did not finish")
         return doc

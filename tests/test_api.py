@@ -151,6 +151,7 @@ def test_unknown_route_and_method_are_json(stack):
     (json.dumps({"input": 1}).encode(), 400, "'code' is missing"),
     (json.dumps({"code": 42}).encode(), 400, "'code' must be a string"),
     (json.dumps({"code": "  "}).encode(), 400, "'code' is empty"),
+    (json.dumps({"code": "return 1\u0000"}).encode(), 400, "contains a NUL character"),
     (json.dumps({"code": "return 1", "timeout_s": "5"}).encode(), 400, "'timeout_s' must be a number"),
     (json.dumps({"code": "return 1", "timeout_s": 0}).encode(), 400, "'timeout_s' must be between"),
     (json.dumps({"code": "return 1", "timeout_s": 10_000}).encode(), 400, "'timeout_s' must be between"),

@@ -1,4 +1,4 @@
-"""SLESS_API_TOKEN: every endpoint but GET / needs the bearer token."""
+"""SLESS_API_TOKEN: every endpoint but GET / and GET /openapi.json needs the bearer token."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ TOKEN = "s3cret-token"
 
 def test_token_required_everywhere_but_root(make_stack):
     s = make_stack(workers=1, api_token=TOKEN)
-    assert s.get("/").status_code == 200
-    for method, path in (("GET", "/redis"), ("GET", "/mongo"), ("GET", "/health"), ("GET", "/status/" + "0" * 32),
-                         ("POST", "/submit"), ("POST", "/execute")):
+    assert s.get("/").status_code == 200 and s.get("/openapi.json").status_code == 200
+    job = "0" * 32
+    for method, path in (("GET", "/redis"), ("GET", "/mongo"), ("GET", "/health"), ("GET", "/status/" + job),
+                         ("POST", "/submit"), ("POST", "/execute"), ("POST", "/retry/" + job), ("POST", "/cancel/" + job),
+                         ("GET", "/jobs"), ("GET", "/events/" + job), ("GET", "/logs/" + job), ("GET", "/metrics")):
         answer = s.get(path) if method == "GET" else s.post(path, {"code": "return 1"})
         assert answer.status_code == 401, path
         assert "Authorization: Bearer" in answer.json()["error"]

@@ -86,7 +86,7 @@ def test_status_watch_of_a_failing_job_exits_1(stack):
     job_id = stack.submit({"code": "raise KeyError('k')", "retries": 0})
     watched = stack.cli("status", job_id, "--watch", "--json")
     assert watched.returncode == ExitStatus.JOB_FAILED
-    assert json.loads(watched.stdout)["error"]["type"] == "exception"
+    assert json.loads(watched.stdout.splitlines()[-1])["error"]["type"] == "exception"
 
 
 def test_unknown_id_exits_4_with_one_sentence(stack):

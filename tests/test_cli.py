@@ -176,7 +176,7 @@ def test_status_watch_on_a_terminal_uses_the_live_view(stack):
 
     from stack import sless_command
 
-    job_id = stack.submit({"code": "import time; print('tick'); time.sleep(0.8); return 7"})
+    job_id = stack.submit({"code": "import time; print('tick', flush=True); time.sleep(1.5); return 7"})
     leader, follower = pty.openpty()
     env = {**stack.env, "SLESS_URL": stack.url, "COLUMNS": "100", "TERM": "xterm-256color"}
     watcher = subprocess.Popen(sless_command("status", job_id, "--watch"), env=env, stdout=follower,
@@ -194,7 +194,8 @@ def test_status_watch_on_a_terminal_uses_the_live_view(stack):
     assert watcher.wait(timeout=30) == 0
     text = screen.decode(errors="replace")
     assert "running" in text or "submitted" in text
-    assert "completed" in text and "7" in text and "tick" in text
+    assert "completed" in text and "7" in text and "elapsed" in text
+    assert -1 < text.find("tick") < text.find("completed")  # the output's tail, live, before the job ended
 
 
 def test_debug_flag_shows_a_traceback_for_unexpected_errors(stack):

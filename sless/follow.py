@@ -8,13 +8,16 @@ restart), the status document is read again: it stays the truth.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .client import DaemonClient
+from .errors import ApiError
 
 TERMINAL = {"completed", "failed", "cancelled"}
 EVENTS_WAIT_S = 25.0
 START = "0-0"
+UNAVAILABLE_PAUSE_S = 1.0
 
 
 @dataclass
@@ -34,24 +37,36 @@ class Follower:
     seen: tuple = field(default=())
 
     def changes(self):
-        """Yield a Change for the document as it is, then for each change until the job ends."""
+        """Yield a Change for the document as it is, then for each change until the job ends
+        (with the output its feed still had after the end was seen)."""
         self.seen = _key(self.doc)
         yield Change(self.doc)
-        job_id = self.doc["jobId"]
         while self.doc["state"] not in TERMINAL:
-            page = self.client.events(job_id, self.cursor, self.wait_s)
-            self.cursor = page["cursor"]
-            moved = not page["events"]
-            for event in page["events"]:
+            events = self._next_events(self.wait_s)
+            for event in events:
                 if event["kind"] == "output":
                     yield Change(self.doc, event)
-                else:
-                    moved = True
-            if moved:
-                self.doc = self.client.status(job_id)
+            if events is None or not events or any(event["kind"] == "state" for event in events):
+                self.doc = self.client.status(self.doc["jobId"])
                 if _key(self.doc) != self.seen:
                     self.seen = _key(self.doc)
                     yield Change(self.doc)
+        for event in self._next_events(0) or []:  # written just before the end, read after it
+            if event["kind"] == "output":
+                yield Change(self.doc, event)
+
+    def _next_events(self, wait_s: float) -> list[dict] | None:
+        """The feed's next events; None when Redis is away (503): then the status document,
+        read by the caller, is all there is, a second apart."""
+        try:
+            page = self.client.events(self.doc["jobId"], self.cursor, wait_s)
+        except ApiError as e:
+            if e.status != 503:
+                raise
+            time.sleep(UNAVAILABLE_PAUSE_S)
+            return None
+        self.cursor = page["cursor"]
+        return page["events"]
 
 
 def _key(doc: dict) -> tuple:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +79,8 @@ class Api:
         self.feed = lifecycle.feed
         self.health = health
         self.counters = DaemonMetrics(lifecycle.queue)
+        # long polls may hold at most half the request threads; the rest stay for everything else
+        self.long_polls = threading.BoundedSemaphore(max(1, settings.daemon_threads // 2))
 
     def index(self):
         return {"service": "sless", "status": "ok", "version": __version__}
@@ -190,7 +193,14 @@ class Api:
         check_cursor(after)
         if not (JOB_ID_PATTERN.match(job_id) and (self.feed.exists(job_id) or self.store.exists(job_id))):
             raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
-        found, cursor = self.feed.read(job_id, after, wait_s)
+        if not self.long_polls.acquire(blocking=False):
+            wait_s = 0.0  # half the threads wait already: answer now, the client asks again
+            found, cursor = self.feed.read(job_id, after, wait_s)
+            return {"jobId": job_id, "cursor": cursor, "events": found}
+        try:
+            found, cursor = self.feed.read(job_id, after, wait_s)
+        finally:
+            self.long_polls.release()
         return {"jobId": job_id, "cursor": cursor, "events": found}
 
     def logs(self, job_id: str):

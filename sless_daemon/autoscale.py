@@ -14,6 +14,10 @@ The policy, and why:
   costs nothing while idle but a start when it is needed again. A retiring worker is
   stopped warm (SIGTERM: it finishes its job and records it), so nothing is cut short.
 - Never below MIN, never above MAX.
+
+Known limit: "idle" means the queue stayed empty, not that workers were idle, so a load
+the pool only just keeps up with (the queue empty at most ticks) can shrink it, and the
+queue then grows it again. Counting busy workers would fix that; not done yet.
 """
 
 from __future__ import annotations

@@ -272,10 +272,17 @@ def _signal_of(status: int) -> int:
     return 0
 
 
+# The error types runner.py reports. The report's descriptor is the job's own, so a job
+# could write any report: it must not pass for a timeout, a lost worker or a cancel.
+REPORTED_TYPES = frozenset({ErrorType.SYNTAX, ErrorType.ENTRY, ErrorType.MEMORY, ErrorType.EXCEPTION,
+                            ErrorType.INVALID_RESULT, ErrorType.RESULT_LIMIT, ErrorType.OPEN_FILES_LIMIT,
+                            ErrorType.FILE_SIZE_LIMIT, ErrorType.DISK_LIMIT, ErrorType.PROCESS_LIMIT})
+
+
 def _known_error(error: dict) -> dict:
-    """Trust only the fields we expect from the runner's error report."""
+    """Trust only the fields we expect from the runner's error report, and only its types."""
     try:
         kind = ErrorType(error.get("type"))
     except ValueError:
         kind = ErrorType.CRASHED
-    return failed(kind, str(error.get("message", ""))[:4000])
+    return failed(kind if kind in REPORTED_TYPES else ErrorType.CRASHED, str(error.get("message", ""))[:4000])

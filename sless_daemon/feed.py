@@ -5,7 +5,7 @@ ended), and so does the daemon when it cancels or reopens a job. The daemon read
 for `GET /events` (a long poll: XREAD blocks until something is appended) and `GET
 /logs`, so `sless status --watch` and `sless logs --follow` wait on Redis instead of
 polling MongoDB. MongoDB stays the record: a feed is capped at FEED_MAX_ENTRIES and
-expires FEED_TTL_S after its last entry, and losing one (Redis restarted) only means
+expires FEED_TTL_S after its last entry (ENDED_TTL_S once the job has ended), and losing one (Redis restarted) only means
 watchers fall back to the status document.
 
 Entries are flat string fields: `kind` ("state" or "output"), `attempt`, and `state`
@@ -24,6 +24,8 @@ from .errors import BadRequest, redis_call
 
 FEED_KEY = "sless:feed:"  # + job id
 FEED_TTL_S = 3600
+ENDED_TTL_S = 60
+ENDED_STATES = ("completed", "failed", "cancelled")
 FEED_MAX_ENTRIES = 10000  # approximate (XADD MAXLEN ~): output is coalesced into few entries
 START = "0-0"  # the cursor before the first entry
 CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -38,10 +40,12 @@ def feed_key(job_id: str) -> str:
 
 
 def append(pipe, job_id: str, entry: dict) -> None:
-    """Queue one entry on a pipeline (and renew the feed's expiry)."""
+    """Queue one entry on a pipeline (and renew the feed's expiry: short once the job ended,
+    since only followers already waiting still need it, and the record has the rest)."""
     fields = {k: ("" if v is None else str(v)) for k, v in entry.items()}
     pipe.xadd(feed_key(job_id), fields, maxlen=FEED_MAX_ENTRIES, approximate=True)
-    pipe.expire(feed_key(job_id), FEED_TTL_S)
+    ended = entry.get("kind") == "state" and entry.get("state") in ENDED_STATES
+    pipe.expire(feed_key(job_id), ENDED_TTL_S if ended else FEED_TTL_S)
 
 
 def state_entry(attempt: int, state: str, worker: str | None = None) -> dict:
@@ -49,7 +53,7 @@ def state_entry(attempt: int, state: str, worker: str | None = None) -> dict:
 
 
 def check_cursor(cursor: str) -> str:
-    if not CURSOR.match(cursor):
+    if not CURSOR.match(cursor) or max(int(part) for part in cursor.split("-")) >= 1 << 64:
         raise BadRequest(f"The cursor {cursor[:64]!r} is not one this API gave (like '1700000000000-0').")
     return cursor
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 CANCELLED = "Cancelled on request."
+CANCEL_FENCE = "(cancelled)"  # the owner of the claim that keeps a cancelled job's next attempt from any worker
+CANCEL_TRIES = 5
 CANCELLED_BEFORE_START = "Cancelled on request before the attempt started."
 
 
@@ -59,6 +61,13 @@ class Settlement:
     changes: dict
     error: dict | None
     decision: Decision
+
+
+def _decision_of(event: dict) -> Decision:
+    """The decision a stored settle event records: a retry when it left the job waiting."""
+    if event["state"] == JobState.SUBMITTED.value and event.get("retry_at"):
+        return Decision(True, max(0.0, (event["retry_at"] - utcnow()).total_seconds()))
+    return Decision(False)
 
 
 def decide_after_failure(attempt: int, max_attempts: int, error_type: ErrorType, settings: Settings) -> Decision:
@@ -189,7 +198,9 @@ class Lifecycle:
                 continue
             try:
                 job = self.store.get(job_id)
-                if job is not None:
+                if job is not None and self._cancel_requested(job_id, attempts):
+                    self.cancel_before_start(job)  # cancelled while its failed attempt was being settled
+                elif job is not None:
                     self.queue.enqueue(job, attempts)
             except Exception:
                 self.store.release_retry(job_id, attempts)
@@ -199,28 +210,33 @@ class Lifecycle:
         return count
 
     def _settle(self, settlements: list[Settlement]) -> list[Decision]:
-        """Write the settle events; then announce those that won, schedule their retries, drop the leases.
+        """Write the settle events; then announce those written now, schedule the retries
+        of those that stand, drop the leases.
 
         An attempt somebody else settled first (a sweeper that gave up on this worker)
         keeps that outcome: this one is discarded, logged, and its decision is no retry.
+        An attempt this owner settled before (its earlier try failed after the insert)
+        keeps that stored outcome, which was announced then: its retry, if it is one, is
+        scheduled again (idempotent) and nothing is announced twice.
         """
         events = [settle_event(s.job["_id"], s.job["attempts"], s.changes, s.error, self.owner) for s in settlements]
-        won = self.store.settle_many(events, self.owner)
+        standing = self.store.settle_many(events, self.owner)
         try:  # first: whoever waits for these jobs needs nothing below
-            self.queue.announce_settled([event for event, ok in zip(events, won) if ok])
+            self.queue.announce_settled([event for event in standing if event is not None and not event.get("again")])
         except DependencyDown as e:  # the record is written; waiters fall back to reading it
             log.warning("could not announce recorded attempts (%s)", e)
         decisions = []
-        for settlement, ok in zip(settlements, won):
+        for settlement, event in zip(settlements, standing):
             job = settlement.job
-            if not ok:
+            if event is None:
                 log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
                             job["_id"], job["attempts"])
                 decisions.append(Decision(False))
                 continue
-            if settlement.decision.retry:
-                self.store.schedule_retry(job["_id"], job["attempts"], settlement.changes["retry_at"])
-            decisions.append(settlement.decision)
+            decision = _decision_of(event) if event.get("again") else settlement.decision
+            if decision.retry:
+                self.store.schedule_retry(job["_id"], job["attempts"], event["retry_at"])
+            decisions.append(decision)
         self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
         return decisions
 
@@ -244,30 +260,40 @@ class Lifecycle:
         """Cancel a job: the job as of now, and whether it is cancelled already.
 
         A job waiting for a worker (queued, or for its retry) is cancelled at once: its
-        next attempt is claimed for nobody, so no worker can run it, and settled as
-        cancelled. A running attempt is asked to stop (durably in MongoDB, and in Redis
-        for its worker, which kills its sandbox within a quarter second); the answer
-        comes before it has. Raises BadRequest: 404 unknown id, 409 already ended.
+        next attempt is claimed for nobody (CANCEL_FENCE), so no worker can run it, and
+        settled as cancelled. A running attempt is asked to stop (durably in MongoDB, and
+        in Redis for its worker, which kills its sandbox within a quarter second); the
+        answer comes before it has. Raises BadRequest: 404 unknown id, 409 already ended
+        (or changing state faster than it can be cancelled, which a retry of the request
+        settles).
         """
-        job = self.store.get(job_id)
-        if job is None:
-            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
-        if JobState(job["state"]).is_terminal:
-            raise BadRequest(f"Job {job_id} already ended ({job['state']}); there is nothing to cancel.", 409)
-        if job["state"] == JobState.SUBMITTED.value:
-            attempt = job["attempts"] + 1
-            if self.store.fence(job_id, attempt, self.owner):
-                changes = {"state": JobState.CANCELLED.value, "finished_at": utcnow(), "worker": None,
-                           "retry_at": None, "error": failed(ErrorType.CANCELLED, CANCELLED_BEFORE_START)}
-                self._settle([Settlement({**job, "attempts": attempt}, changes, None, Decision(False))])
-                self.store.forget_retry(job_id, job["attempts"])
+        for _ in range(CANCEL_TRIES):
+            job = self.store.get(job_id)
+            if job is None:
+                raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
+            if JobState(job["state"]).is_terminal:
+                raise BadRequest(f"Job {job_id} already ended ({job['state']}); there is nothing to cancel.", 409)
+            if job["state"] == JobState.SUBMITTED.value and self.cancel_before_start(job):
                 return self.store.get(job_id), True
-            job = self.store.get(job_id)  # a worker claimed that attempt just now
-        if job["state"] == JobState.RUNNING.value:
-            self.store.request_cancel(job_id, job["attempts"], self.owner, utcnow())
-            self.queue.request_cancel(job_id, job["attempts"])
-            return job, False
-        return self.cancel(job_id)  # it ended or moved on meanwhile: decide again
+            if job["state"] == JobState.RUNNING.value:
+                self.store.request_cancel(job_id, job["attempts"], self.owner, utcnow())
+                self.queue.request_cancel(job_id, job["attempts"])
+                return job, False
+            # a worker claimed the next attempt just now, or the running one just ended: look again
+        raise BadRequest(f"Job {job_id} changed state while it was being cancelled; ask again.", 409)
+
+    def cancel_before_start(self, job: dict) -> bool:
+        """Fence a waiting job's next attempt and settle it cancelled; False if a worker
+        claimed that attempt first. Finishes a cancel that stopped between the two (the
+        fence is there, the settle is not): the sweep calls this for such jobs too."""
+        job_id, attempt = job["_id"], job["attempts"] + 1
+        if not self.store.fence(job_id, attempt, CANCEL_FENCE) and self.store.claimed_by(job_id, attempt) != CANCEL_FENCE:
+            return False
+        changes = {"state": JobState.CANCELLED.value, "finished_at": utcnow(), "worker": None, "retry_at": None,
+                   "error": failed(ErrorType.CANCELLED, CANCELLED_BEFORE_START)}
+        self._settle([Settlement({**job, "attempts": attempt}, changes, None, Decision(False))])
+        self.store.forget_retry(job_id, job["attempts"])
+        return True
 
     def _cancel_requested(self, job_id: str, attempt: int) -> bool:
         """Whether a cancel of this attempt is pending: Redis first, MongoDB if Redis says no

@@ -18,6 +18,8 @@ import redis
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .errors import DependencyDown
+
 log = logging.getLogger(__name__)
 
 ENDED = "ended"  # field "<state>|<error type>" -> attempts that ended so
@@ -77,7 +79,7 @@ class RedisCollector:
     def collect(self):
         try:
             raw = self._read()
-        except redis.RedisError as e:
+        except (redis.RedisError, DependencyDown) as e:
             log.warning("metrics: Redis is unavailable (%s)", e)
             return
         ended = CounterMetricFamily("sless_attempts_ended", "Attempts that ended, by the state they left the job "

@@ -185,11 +185,14 @@ class JobQueue:
         head = self.connection.lindex(self.rq_queue.key, 0)
         if head is None:
             return 0.0
-        enqueued = self.connection.hget(rq.job.Job.redis_job_namespace_prefix + head.decode(), "enqueued_at")
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hget(rq.job.Job.redis_job_namespace_prefix + head.decode(), "enqueued_at")
+            pipe.time()  # one clock for every pool on every host (the enqueuing daemon's should agree: NTP)
+            enqueued, (seconds, micros) = pipe.execute()
         if not enqueued:
             return 0.0
-        return max(0.0, (datetime.now(timezone.utc) - utcparse(enqueued.decode()).replace(tzinfo=timezone.utc))
-                   .total_seconds())
+        now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+        return max(0.0, (now - utcparse(enqueued.decode()).replace(tzinfo=timezone.utc)).total_seconds())
 
     @redis_call
     def live_workers(self) -> int:

@@ -23,7 +23,7 @@ import time
 from datetime import timedelta
 
 from .errors import DependencyDown
-from .lifecycle import Lifecycle, utcnow
+from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
 from .states import JobState
 
 log = logging.getLogger("sless.recovery")
@@ -102,6 +102,9 @@ class Recovery:
             job = self.store.get(seen["_id"])  # now, and with its code and input for the message
             if job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != seen["attempts"]:
                 continue  # it moved on since the scan: a worker took the message meanwhile
+            if self.store.claimed_by(job["_id"], job["attempts"] + 1) == CANCEL_FENCE:
+                self.lifecycle.cancel_before_start(job)  # a cancel that stopped halfway: finish it
+                continue
             try:
                 self.lifecycle.queue.resend(job, job["attempts"])
             except KeyError as e:  # one unreadable record must not stop the recovery of the others

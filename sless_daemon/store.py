@@ -221,8 +221,14 @@ class OutcomeStore:
     @mongo_call
     def fence(self, job_id: str, attempt: int, owner: str) -> bool:
         """Claim an attempt for nobody, so no worker ever runs it (a cancel before it started);
-        False if a worker claimed it first."""
+        False if it was claimed before (by a worker, or fenced already)."""
         return self._insert_event(job_id, attempt, "claim", owner)
+
+    @mongo_call
+    def claimed_by(self, job_id: str, attempt: int) -> str | None:
+        """Who claimed an attempt (a worker's name, or a fence's owner), or None."""
+        held = self.events.find_one({"_id": guard_key(job_id, attempt, "claim")}, {"owner": 1})
+        return held.get("owner") if held else None
 
     @mongo_call
     def request_cancel(self, job_id: str, attempt: int, owner: str, now: datetime) -> None:
@@ -255,26 +261,28 @@ class OutcomeStore:
         return list(self.leases.find({"worker": worker}))
 
     @mongo_call
-    def settle_many(self, events: list[dict], owner: str) -> list[bool]:
+    def settle_many(self, events: list[dict], owner: str) -> list[dict | None]:
         """End attempts with their settle events (`settle_event`), in one insert; for each,
-        False if somebody else settled that attempt first.
+        the event that stands for this owner, or None if somebody else settled it first.
 
         Whoever settles an attempt first wins: the worker reporting its outcome, or a
         sweeper that found its worker gone; a stale attempt can never overwrite what a
         later attempt wrote, since every attempt has its own event. An owner that finds
-        its own event (its earlier insert went through, the answer was lost) has won too.
+        its own event (an earlier try went through, and what followed it failed) gets
+        that stored event back, marked `"again": True`: it, not the one built now, is
+        the outcome, and it was announced before.
         """
         try:
             self.events.insert_many([dict(event) for event in events], ordered=False)
-            return [True] * len(events)
+            return list(events)
         except BulkWriteError as e:
             taken = {error["index"] for error in e.details.get("writeErrors", []) if error.get("code") == DUPLICATE_KEY}
             others = {error["index"] for error in e.details.get("writeErrors", [])} - taken
             if others:
                 raise
-        return [i not in taken or self._owned_by(events[i]["_id"], owner) for i in range(len(events))]
+        return [event if i not in taken else self._own_event(event["_id"], owner) for i, event in enumerate(events)]
 
-    def settle(self, job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> bool:
+    def settle(self, job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> dict | None:
         """End one attempt (see `settle_many`)."""
         return self.settle_many([settle_event(job_id, attempt, changes, error, owner)], owner)[0]
 
@@ -332,8 +340,12 @@ class OutcomeStore:
     def _owned_by(self, key: str, owner: str) -> bool:
         """Whether `owner` holds an event already: its earlier insert went through but the
         answer was lost, so it has won."""
-        held = self.events.find_one({"_id": key}, {"owner": 1})
-        return held is not None and held.get("owner") == owner
+        return self._own_event(key, owner) is not None
+
+    def _own_event(self, key: str, owner: str) -> dict | None:
+        """The stored event if `owner` holds it (marked `again`), else None."""
+        held = self.events.find_one({"_id": key})
+        return {**held, "again": True} if held is not None and held.get("owner") == owner else None
 
     @mongo_call
     def all_jobs(self, full: bool = False) -> list[dict]:
@@ -358,6 +370,8 @@ class OutcomeStore:
         FerretDB decodes every event to filter them by job."""
         found = self.jobs.find({"submitted_at": {"$gte": since}} if since else {},
                                {"code": 0, "input_json": 0}).sort("submitted_at", -1)
+        if state is None:
+            found = found.limit(limit)  # every job listed is wanted: no need to read more
         jobs, listed = list(found), []
         for start in range(0, len(jobs), LIST_BATCH):
             batch = jobs[start:start + LIST_BATCH]

@@ -40,6 +40,7 @@ log = logging.getLogger("sless.worker")
 SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning forever
 WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
+CANCEL_CHECK_BACKOFF_S = 30.0
 
 
 def run_job(message: dict) -> None:
@@ -192,6 +193,7 @@ class AttemptWatch(Watch):
         try:
             return self.queue.cancel_requested(self.job_id, self.attempt)
         except DependencyDown:
+            self.next_check = time.monotonic() + CANCEL_CHECK_BACKOFF_S  # a hung Redis must not slow the job
             return False
 
     def done(self) -> None:

@@ -75,6 +75,7 @@ class WorkerPool:
         self.recovery = Recovery(lifecycle)
         self.insecure = insecure
         self.exit_code = 0
+        self.generations = 0
 
     def run(self) -> int:
         """Start the workers and supervise them until SIGINT or SIGTERM; returns an exit code."""
@@ -99,7 +100,8 @@ class WorkerPool:
         return self.exit_code
 
     def spawn(self, slot: WorkerSlot) -> None:
-        slot.generation += 1
+        self.generations += 1  # pool-wide: a slot index reused by autoscaling never reuses a name
+        slot.generation = self.generations
         slot.name = worker_name(self.pool_id, slot.index, slot.generation)
         command = [sys.executable, "-c", WORKER_ENTRY, "--name", slot.name, "--slot", str(slot.index)]
         if self.insecure:
@@ -120,7 +122,8 @@ class WorkerPool:
         if target != len(active):
             log.info("autoscaling from %d to %d workers (queue depth %d, oldest waited %.1f s)", len(active), target,
                      view.depth, view.oldest_wait_s)
-        for _ in range(target - len(active)):
+        room = self.autoscaler.policy.maximum - len(self.slots)  # retiring workers count until they exit
+        for _ in range(min(target - len(active), room)):
             used = {slot.index for slot in self.slots}
             slot = WorkerSlot(next(i for i in range(len(self.slots) + 1) if i not in used))
             self.slots.append(slot)

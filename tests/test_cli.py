@@ -176,7 +176,7 @@ def test_status_watch_on_a_terminal_uses_the_live_view(stack):
 
     from stack import sless_command
 
-    job_id = stack.submit({"code": "import time; print('tick', flush=True); time.sleep(1.5); return 7"})
+    job_id = stack.submit({"code": "import time; print('tick', flush=True); time.sleep(3); return 7", "timeout_s": 10})
     leader, follower = pty.openpty()
     env = {**stack.env, "SLESS_URL": stack.url, "COLUMNS": "100", "TERM": "xterm-256color"}
     watcher = subprocess.Popen(sless_command("status", job_id, "--watch"), env=env, stdout=follower,

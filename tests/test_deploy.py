@@ -64,6 +64,9 @@ def test_keda_watches_the_list_the_workers_consume(objects):
     assert trigger["metadata"]["addressFromEnv"] in worker_env
     assert secret["REDIS_ADDRESS"] == f"{url.hostname}:{url.port}"
     assert scaled["minReplicaCount"] >= 1 <= scaled["maxReplicaCount"]
+    # with minReplicaCount >= 1, cooldownPeriod does nothing: scale-in is the HPA's window
+    assert "cooldownPeriod" not in scaled
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] > 0
 
 
 def test_environment_names_are_the_settings_the_code_reads(objects):

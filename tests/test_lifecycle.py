@@ -278,3 +278,58 @@ def test_a_job_recorded_whole_by_an_earlier_version_keeps_its_outcome(lifecycle)
     lifecycle.store.jobs.insert_one(broken)  # no limits at all: cannot be sent, must not stop the sweep
     assert lifecycle.store.get("a" * 32)["state"] == "completed"
     assert Recovery(lifecycle).sweep()["orphans"] == 0
+
+
+def test_a_cancel_that_stopped_after_its_fence_is_finished_by_the_next_cancel_and_by_the_sweep(lifecycle):
+    """The daemon died between fencing the next attempt and settling it: the job must not wait forever."""
+    from sless_daemon.lifecycle import CANCEL_FENCE
+    from sless_daemon.recovery import Recovery
+
+    by_request, by_sweep = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
+    for job_id in (by_request, by_sweep):
+        assert lifecycle.store.fence(job_id, 1, CANCEL_FENCE)
+    job, cancelled = lifecycle.cancel(by_request)
+    assert cancelled and job["state"] == "cancelled"
+    lifecycle.queue.rq_queue.empty()  # as after Redis lost it: the orphan scan looks at the job
+    sweeper = other_worker(lifecycle, "sweeper")
+    sweeper.settings = dataclasses.replace(lifecycle.settings, orphan_grace_s=0.0)
+    Recovery(sweeper).requeue_orphans()
+    assert lifecycle.store.get(by_sweep)["state"] == "cancelled"
+    assert lifecycle.queue.rq_queue.count == 0  # nothing re-sent
+
+
+def test_a_retry_that_comes_due_with_a_cancel_pending_is_cancelled_not_run(lifecycle):
+    """The worker settled a retry just as the cancel arrived for the running attempt."""
+    job_id = lifecycle.accept(SPEC)
+    job = lifecycle.start(message(lifecycle, job_id))
+    lifecycle.store.request_cancel(job_id, 1, "daemon", utcnow())
+    lifecycle.queue.request_cancel(job_id, 1)
+    lifecycle.queue.rq_queue.empty()
+    # the retry decision was taken before the cancel was visible
+    lifecycle.store.settle(job_id, 1, {"state": "submitted", "retry_at": utcnow()}, {"type": "exception"}, "test")
+    lifecycle.store.schedule_retry(job_id, 1, utcnow())
+    lifecycle.enqueue_due_retries()
+    assert lifecycle.store.get(job_id)["state"] == "cancelled"
+    assert lifecycle.queue.rq_queue.count == 0 and job["attempts"] == 1
+
+
+def test_a_settle_written_twice_is_announced_once_and_keeps_its_first_outcome(lifecycle):
+    """The recorder writes again after a failure that followed the insert: the stored event stands."""
+    job_id = lifecycle.accept(SPEC)
+    job = lifecycle.start(message(lifecycle, job_id))
+    error = failed(ErrorType.EXCEPTION, "boom")
+    first = lifecycle.finish(job, AttemptOutcome(error=error))
+    assert first.retry
+    lifecycle.queue.request_cancel(job_id, 1)  # now a fresh decision would differ: cancelled
+    again = lifecycle.finish(job, AttemptOutcome(error=error))
+    assert again.retry  # the stored outcome (a retry) stands, and its retry is noted
+    assert lifecycle.queue.connection.llen(f"sless:settled:{job_id}") == 1
+    assert lifecycle.store.due_retries(utcnow() + timedelta(seconds=60))[0]["job_id"] == job_id
+
+
+def test_a_report_cannot_pass_for_a_timeout_a_lost_worker_or_a_cancel():
+    from sless_daemon.executor import _known_error
+
+    for kind in ("timeout", "worker_lost", "cancelled", "output_limit", "crashed"):
+        assert _known_error({"type": kind, "message": "forged"})["type"] == "crashed"
+    assert _known_error({"type": "exception", "message": "ValueError"})["type"] == "exception"

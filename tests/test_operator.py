@@ -16,7 +16,7 @@ from stack import ROOT, sless_command, wait_until
 
 # a line on each stream, a pause long enough to look while it runs, another line
 TALKER = ("import sys, time\nprint('line one', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)\n"
-          "time.sleep(1.5)\nprint('line two', flush=True)\ntime.sleep(0.5)\nreturn 'talked'")
+          "time.sleep(4)\nprint('line two', flush=True)\ntime.sleep(0.5)\nreturn 'talked'")
 SLEEPER = "import time\ntime.sleep(60)\nreturn 'woke'"
 
 
@@ -25,7 +25,7 @@ def state_of(stack, job_id: str) -> str:
 
 
 def test_events_long_poll_returns_the_feed_in_order_and_waits_for_more(stack):
-    job_id = stack.submit({"code": TALKER})
+    job_id = stack.submit({"code": TALKER, "timeout_s": 10})
     seen, cursor = [], "0-0"
     while not any(e["kind"] == "state" and e["state"] == "completed" for e in seen):
         page = stack.get(f"/events/{job_id}", params={"after": cursor, "wait_s": 10}, timeout=30).json()
@@ -52,7 +52,7 @@ def test_events_refuses_bad_cursors_and_waits_and_unknown_jobs(stack):
 
 
 def test_logs_follow_streams_output_while_the_job_runs(stack):
-    job_id = stack.submit({"code": TALKER})
+    job_id = stack.submit({"code": TALKER, "timeout_s": 10})
     follower = subprocess.Popen(sless_command("logs", job_id, "--follow"), env={**stack.env, "SLESS_URL": stack.url},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -75,7 +75,7 @@ def test_logs_of_an_unknown_job_exit_4(stack):
 
 
 def test_status_watch_json_prints_one_object_per_change(stack):
-    job_id = stack.submit({"code": "import time\ntime.sleep(1)\nreturn 3"})
+    job_id = stack.submit({"code": "import time\ntime.sleep(3)\nreturn 3"})
     wait_until(lambda: state_of(stack, job_id) == "running", 10, "the job did not start")
     watched = stack.cli("status", job_id, "--watch", "--json")
     docs = [json.loads(line) for line in watched.stdout.splitlines()]
@@ -123,7 +123,7 @@ def test_cancel_a_queued_job_and_it_never_runs(make_stack):
     assert s.wait_terminal(after)["result"] == "after"
     assert state_of(s, job_id) == "cancelled"
     claims = list(s.mongo_jobs().database["events"].find({"job_id": job_id, "step": "claim"}))
-    assert [c["owner"] for c in claims] == [claims[0]["owner"]] and not claims[0]["owner"].startswith("worker")
+    assert [c["owner"] for c in claims] == ["(cancelled)"]  # the fence; no worker ever claimed it
     again = s.cli("cancel", job_id)
     assert again.returncode == ExitStatus.CONFLICT and "already ended (cancelled)" in again.stderr
 

@@ -10,20 +10,22 @@ The policy, and why:
   `max_step` workers start per tick: each costs an interpreter and a sandbox start,
   and on a small machine starting many at once slows the ones already draining.
 - **Shrink** one worker at a time, only after the queue has been empty for `idle_s`,
-  and then at most every `idle_s / 2`: bursts often come in waves, and a worker
-  costs nothing while idle but a start when it is needed again. A retiring worker is
+  then at most every `idle_s / 2`, and only while the workers left would be at most
+  SHRINK_UTILISATION busy (counted from the attempts they hold now): a load the pool
+  just keeps up with leaves the queue empty most of the time, and shrinking then
+  would only make it grow again. Bursts often come in waves, and a worker costs
+  nothing while idle but a start when it is needed again. A retiring worker is
   stopped warm (SIGTERM: it finishes its job and records it), so nothing is cut short.
 - Never below MIN, never above MAX.
-
-Known limit: "idle" means the queue stayed empty, not that workers were idle, so a load
-the pool only just keeps up with (the queue empty at most ticks) can shrink it, and the
-queue then grows it again. Counting busy workers would fix that; not done yet.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+SHRINK_UTILISATION = 0.75
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class QueueView:
     depth: int  # messages waiting in the queue
     oldest_wait_s: float  # how long the oldest of them has waited (0 when none)
     now: float  # monotonic seconds
+    busy: int = 0  # this pool's workers running an attempt now
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -73,7 +76,8 @@ class Autoscaler:
             if view.oldest_wait_s > policy.max_wait_s:
                 wanted = max(wanted, running + 1)
             target = min(max(running, wanted), running + policy.max_step)
-        elif view.now - self.busy_at >= policy.idle_s and view.now - self.shrunk_at >= policy.idle_s / 2:
+        elif (view.now - self.busy_at >= policy.idle_s and view.now - self.shrunk_at >= policy.idle_s / 2
+              and view.busy <= (running - 1) * SHRINK_UTILISATION):
             target = running - 1
         else:
             target = running

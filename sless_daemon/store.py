@@ -261,6 +261,11 @@ class OutcomeStore:
         return list(self.leases.find({"worker": worker}))
 
     @mongo_call
+    def leases_of_any(self, workers: list[str]) -> list[dict]:
+        """The attempts these workers hold (how busy a pool is; `leases` is small)."""
+        return list(self.leases.find({"worker": {"$in": workers}}, {"worker": 1}))
+
+    @mongo_call
     def settle_many(self, events: list[dict], owner: str) -> list[dict | None]:
         """End attempts with their settle events (`settle_event`), in one insert; for each,
         the event that stands for this owner, or None if somebody else settled it first.

@@ -112,12 +112,14 @@ class WorkerPool:
 
     def scale(self) -> None:
         """Start or retire workers toward the autoscaler's target for this tick."""
+        active = [slot for slot in self.slots if not slot.retiring]
         try:
-            view = QueueView(self.lifecycle.queue.depth(), self.lifecycle.queue.oldest_wait_s(), time.monotonic())
+            depth = self.lifecycle.queue.depth()
+            busy = 0 if depth else len(self.lifecycle.store.leases_of_any([slot.name for slot in active]))
+            view = QueueView(depth, self.lifecycle.queue.oldest_wait_s(), time.monotonic(), busy)
         except DependencyDown as e:
             log.warning("autoscaling paused: %s", e)
             return
-        active = [slot for slot in self.slots if not slot.retiring]
         target = self.autoscaler.decide(len(active), view)
         if target != len(active):
             log.info("autoscaling from %d to %d workers (queue depth %d, oldest waited %.1f s)", len(active), target,

@@ -38,6 +38,13 @@ def test_shrinks_one_at_a_time_only_after_the_queue_stayed_empty():
     assert scaler.decide(1, QueueView(depth=0, oldest_wait_s=0, now=300)) == 1  # never below MIN
 
 
+def test_a_pool_that_just_keeps_up_is_not_shrunk():
+    """The queue empty at every tick, but most workers busy: shrinking would only bring the queue back."""
+    scaler = Autoscaler(POLICY, now=0)
+    assert scaler.decide(4, QueueView(depth=0, oldest_wait_s=0, now=100, busy=3)) == 4  # 3 of 3 left busy
+    assert scaler.decide(4, QueueView(depth=0, oldest_wait_s=0, now=101, busy=2)) == 3  # 2 of 3: room
+
+
 def test_range_parsing_says_what_is_wrong():
     assert parse_range("1:6") == (1, 6)
     for bad, needle in (("6", "MIN:MAX"), ("a:b", "MIN:MAX"), ("0:4", "1 <= MIN"), ("5:2", "MIN <= MAX"),

@@ -193,14 +193,12 @@ class Api:
         check_cursor(after)
         if not (JOB_ID_PATTERN.match(job_id) and (self.feed.exists(job_id) or self.store.exists(job_id))):
             raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
-        if not self.long_polls.acquire(blocking=False):
-            wait_s = 0.0  # half the threads wait already: answer now, the client asks again
-            found, cursor = self.feed.read(job_id, after, wait_s)
-            return {"jobId": job_id, "cursor": cursor, "events": found}
+        may_wait = self.long_polls.acquire(blocking=False)  # else half the threads wait: answer now
         try:
-            found, cursor = self.feed.read(job_id, after, wait_s)
+            found, cursor = self.feed.read(job_id, after, wait_s if may_wait else 0.0)
         finally:
-            self.long_polls.release()
+            if may_wait:
+                self.long_polls.release()
         return {"jobId": job_id, "cursor": cursor, "events": found}
 
     def logs(self, job_id: str):

@@ -296,14 +296,12 @@ class Lifecycle:
         return True
 
     def _cancel_requested(self, job_id: str, attempt: int) -> bool:
-        """Whether a cancel of this attempt is pending: Redis first, MongoDB if Redis says no
-        or is away (only on failure paths: the read scans FerretDB's events)."""
+        """Whether a cancel of this attempt is pending: Redis's key, or MongoDB's durable
+        event when Redis is away (that read scans FerretDB's events, so not every time)."""
         try:
-            if self.queue.cancel_requested(job_id, attempt):
-                return True
+            return self.queue.cancel_requested(job_id, attempt)
         except DependencyDown:
-            pass
-        return self.store.cancel_requested(job_id, attempt)
+            return self.store.cancel_requested(job_id, attempt)
 
     def lose(self, lease: dict, why: str) -> tuple[dict, Decision] | None:
         """Recover the attempt a gone worker held (its lease): retry it or fail it as worker_lost.

@@ -101,7 +101,7 @@ class RedisCollector:
             for name in HISTOGRAMS:
                 pipe.hgetall(metrics_key(self.queue.name, name))
             ended, *histograms = pipe.execute()
-        return {"ended": ended, **dict(zip(HISTOGRAMS, histograms)), "depth": self.queue.rq_queue.count,
+        return {"ended": ended, **dict(zip(HISTOGRAMS, histograms)), "depth": self.queue.depth(),
                 "workers": self.queue.live_workers()}
 
 

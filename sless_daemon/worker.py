@@ -163,24 +163,26 @@ class AttemptWatch(Watch):
     """Tells the job's feed that the attempt runs and what it writes; asks Redis, every
     `interval_s` once the attempt has run that long, whether it was cancelled.
 
-    A job of a few milliseconds costs one feed entry and no cancel check. Redis being
-    away never stops the attempt: its feed is incomplete and a cancel waits.
+    The "running" entry goes out with the first output or at the first cancel check, so a
+    job of a few milliseconds that prints nothing costs no Redis call here at all (its
+    end is announced with the settle). Redis being away never stops the attempt: its
+    feed is incomplete and a cancel waits.
     """
 
     interval_s = 0.25
 
     def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str):
         self.queue = lifecycle.queue
+        self.feed = lifecycle.feed
         self.job_id = job_id
         self.attempt = attempt
+        self.worker = worker
         self.output_feed = OutputFeed(lifecycle.feed, job_id, attempt)
         self.next_check = time.monotonic() + self.interval_s
-        try:
-            lifecycle.feed.publish(job_id, state_entry(attempt, JobState.RUNNING.value, worker))
-        except DependencyDown as e:
-            log.warning("job %s: cannot tell its feed it started (%s)", job_id, e, extra={"job_id": job_id})
+        self.told = False
 
     def output(self, stream: str, data: bytes) -> None:
+        self.tell_running()
         self.output_feed.add(stream, data)
         self.output_feed.flush()
 
@@ -189,6 +191,7 @@ class AttemptWatch(Watch):
         now = time.monotonic()
         if now < self.next_check:
             return False
+        self.tell_running()
         self.next_check = now + self.interval_s
         try:
             return self.queue.cancel_requested(self.job_id, self.attempt)
@@ -198,6 +201,16 @@ class AttemptWatch(Watch):
 
     def done(self) -> None:
         self.output_feed.flush(final=True)
+
+    def tell_running(self) -> None:
+        """Put "running" in the job's feed, once, before anything else of this attempt."""
+        if self.told:
+            return
+        self.told = True
+        try:
+            self.feed.publish(self.job_id, state_entry(self.attempt, JobState.RUNNING.value, self.worker))
+        except DependencyDown as e:
+            log.warning("job %s: cannot tell its feed it started (%s)", self.job_id, e, extra={"job_id": self.job_id})
 
 
 class LeaseKeeper:

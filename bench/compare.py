@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -360,18 +362,30 @@ def shares(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def client_submits(url: str, code: str, first: int, count: int, barrier, results) -> None:
-    """One client process: open a connection, wait for the others, then POST /submit `count` times."""
+    """One client process: open a keep-alive connection, wait for the others, then POST /submit
+    `count` times.
+
+    It speaks HTTP with the standard library's `http.client`, as a load generator would:
+    `requests` costs its process about 1.5 ms of CPU per call, and the 8 clients share the
+    machine's two cores with the daemon (measured: 3.0 ms of client CPU per submit with
+    `requests`, against 1.3 ms in the daemon), so with it this measured the clients.
+    """
     try:
-        session = requests.Session()
-        session.get(url + "/", timeout=10)
+        address = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection.request("GET", "/")
+        connection.getresponse().read()
         barrier.wait(timeout=120)
         ids, errors = {}, []
         for value in range(first, first + count):
-            answer = session.post(url + "/submit", json={"code": code, "input": value}, timeout=60)
-            if answer.status_code == 202:
-                ids[answer.json()["jobId"]] = value
+            body = json.dumps({"code": code, "input": value})
+            connection.request("POST", "/submit", body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            text = answer.read()
+            if answer.status == 202:
+                ids[json.loads(text)["jobId"]] = value
             else:
-                errors.append(f"{answer.status_code}: {answer.text[:200]}")
+                errors.append(f"{answer.status}: {text[:200]!r}")
         results.put({"ids": ids, "errors": errors, "ended": time.monotonic()})
     except Exception as e:  # noqa: BLE001 - the parent reports it
         results.put({"ids": {}, "errors": [f"client crashed: {type(e).__name__}: {e}"], "ended": time.monotonic()})

@@ -24,6 +24,7 @@ from . import __version__
 from .errors import BadRequest, DependencyDown
 from .feed import START, check_cursor
 from .health import HealthChecker
+from .intake import GroupCommit
 from .lifecycle import Lifecycle
 from .metrics import DaemonMetrics
 from .settings import Settings
@@ -75,6 +76,7 @@ class Api:
     def __init__(self, settings: Settings, lifecycle: Lifecycle, health: HealthChecker):
         self.settings = settings
         self.lifecycle = lifecycle
+        self.intake = GroupCommit(lifecycle.accept_many)
         self.store = lifecycle.store
         self.feed = lifecycle.feed
         self.health = health
@@ -106,7 +108,7 @@ class Api:
         started = time.perf_counter()
         spec = parse_job(parse_body(read_body(bottle.request, self.settings.max_body_bytes)), self.settings)
         stages = {"parse": time.perf_counter() - started}
-        job_id = self.lifecycle.accept(spec, stages)
+        job_id = self.intake.accept(spec, stages)["_id"]
         self.counters.submitted.inc()
         response = json_response(202, {"jobId": job_id, "status": JobState.SUBMITTED.value})
         response.set_header("Server-Timing", ", ".join(f"{name};dur={s * 1000:.3f}" for name, s in stages.items()))
@@ -116,7 +118,7 @@ class Api:
         data = parse_body(read_body(bottle.request, self.settings.max_body_bytes))
         spec = parse_job({k: v for k, v in data.items() if k != "wait_s"}, self.settings, EXECUTE_FIELDS)
         wait_s = number_field(data, "wait_s", spec.timeout_s + self.settings.execute_margin_s, 0, MAX_WAIT_S)
-        submitted = self.lifecycle.accept_document(spec)
+        submitted = self.intake.accept(spec, {})
         self.counters.submitted.inc()
         job_id = submitted["_id"]
         job = self.wait_for_end(submitted, wait_s)

@@ -19,14 +19,26 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "sless"
+CONTROL_FILES = {  # what each attempt reads or writes, by cgroup version
+    2: ("memory.current", "pids.current", "memory.max", "memory.swap.max", "pids.max", "memory.events",
+        "pids.events"),
+    1: ("memory.usage_in_bytes", "pids.current", "memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "pids.max",
+        "memory.events", "memory.oom_control", "memory.failcnt", "pids.events"),
+}
 
 
 class JobCgroup:
-    """The cgroup(s) of one worker's sandbox: limits set per attempt, removed with the sandbox."""
+    """The cgroup(s) of one worker's sandbox: limits set per attempt, removed with the sandbox.
+
+    Which control files exist is looked up once: every attempt reads and writes them
+    (twice five files), and a `stat` plus a `pathlib` open per file cost the worker about
+    0.3 ms per job (py-spy, BENCHMARKS.md step 10).
+    """
 
     def __init__(self, dirs: list[Path], version: int):
         self.dirs = dirs
         self.version = version
+        self.files = {name: [str(d / name) for d in dirs if (d / name).exists()] for name in CONTROL_FILES[version]}
 
     def join_self(self) -> None:
         """Move the calling process in (used in the child between fork and exec)."""
@@ -37,29 +49,21 @@ class JobCgroup:
         """Allow what is in use now (the idle server) plus the attempt's own memory and processes."""
         memory_in_use = self._read_number("memory.current" if self.version == 2 else "memory.usage_in_bytes")
         processes_in_use = self._read_number("pids.current")
-        for d in self.dirs:
-            for file, value in limit_files(self.version, memory_in_use + memory_bytes, processes_in_use + max_processes):
-                _write_if_present(d / file, value)
+        for file, value in limit_files(self.version, memory_in_use + memory_bytes, processes_in_use + max_processes):
+            for path in self.files[file]:
+                _write_limit(path, value)
 
     def breach_counters(self) -> dict[str, int]:
         """Counters that grow when the kernel kills or refuses memory or processes here."""
-        counters = {"memory": 0, "processes": 0}
-        for d in self.dirs:
-            events = d / ("memory.events" if self.version == 2 else "memory.oom_control")
-            if events.exists():
-                counters["memory"] += _counter(events.read_text(), "oom_kill")
-            failcnt = d / "memory.failcnt"
-            if failcnt.exists():
-                counters["memory"] += int(failcnt.read_text() or 0)
-            pids_events = d / "pids.events"
-            if pids_events.exists():
-                counters["processes"] += _counter(pids_events.read_text(), "max")
-        return counters
+        memory = sum(_counter(_read(path), "oom_kill") for path in self.files["memory.events"])
+        memory += sum(_counter(_read(path), "oom_kill") for path in self.files.get("memory.oom_control", ()))
+        memory += sum(int(_read(path) or 0) for path in self.files.get("memory.failcnt", ()))
+        processes = sum(_counter(_read(path), "max") for path in self.files["pids.events"])
+        return {"memory": memory, "processes": processes}
 
     def _read_number(self, file: str) -> int:
-        for d in self.dirs:
-            if (d / file).exists():
-                return int((d / file).read_text() or 0)
+        for path in self.files[file]:
+            return int(_read(path) or 0)
         return 0
 
     def remove(self) -> None:
@@ -152,14 +156,30 @@ def _detect_v1() -> Cgroups | None:
 
 
 def _write_if_present(path: Path, value) -> None:
+    """Set a limit file if this kernel has it."""
+    if path.exists():
+        _write_limit(str(path), value)
+
+
+def _write_limit(path: str, value) -> None:
     """Set a limit file; swap files are missing without swap accounting and may refuse."""
-    if not path.exists():
-        return
     try:
-        path.write_text(str(value))
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, str(value).encode())
+        finally:
+            os.close(fd)
     except OSError:
-        if "swap" not in path.name and "memsw" not in path.name:
+        if "swap" not in path and "memsw" not in path:
             raise
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

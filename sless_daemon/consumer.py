@@ -8,14 +8,22 @@ reads RQ's, so this loop uses RQ for what it needs only:
 
 - it registers as an RQ worker and keeps its key alive from a thread, so `rq info`,
   `GET /health` and the pool see it;
-- it takes messages with RQ's `Queue.dequeue_any` (a blocking move into RQ's
-  intermediate list, then the job hash);
-- it marks a message `started` and takes it out of the intermediate list in one
-  round trip before running it; a message left `queued` in that list belongs to a
-  worker that died in between, and the orphan scan re-sends it (`JobQueue.missing`);
+- it takes a message, marks it `started` and reads its payload in one round trip (a
+  Lua script, `TAKE`): an LPOP while the queue has messages; when it is empty, RQ's
+  own blocking move into its intermediate list (BLMOVE) waits for the next, and the
+  script then takes that one out of the list. The payload is RQ's: the job hash's
+  `data`, zlib-compressed JSON of (function, instance, args, kwargs), read with RQ's
+  JSONSerializer. A message popped by a worker that died before claiming it is
+  `started` without end (or left `queued` in the intermediate list), and the orphan
+  scan re-sends it after a grace period (`JobQueue.missing`);
 - it marks a handled message `finished` (`failed` when handling raised, so the
   orphan scan re-sends it) and lets Redis expire it: from then on the attempt's
-  lease, or its settle event, is what counts.
+  lease, or its settle event, is what counts. `finished` goes with the next `TAKE`,
+  which follows at once (or as the loop ends).
+
+Measured (bench/results, BENCHMARKS.md step 9): RQ's `Queue.dequeue_any` plus the
+`started` and `finished` marks took four round trips and 0.5-0.7 ms of the worker's CPU
+per job (building RQ's Job object parses every field of the hash); `TAKE` takes one.
 
 SIGTERM or SIGINT lets the running job finish, then the loop ends (a warm shutdown).
 """
@@ -26,11 +34,11 @@ import logging
 import signal
 import threading
 import time
+import zlib
 from typing import Callable
 
 import redis
 import rq
-from rq.exceptions import DequeueTimeout
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
@@ -43,6 +51,41 @@ HEARTBEAT_S = 30.0
 REDIS_RETRY_S = 1.0
 HANDLED_TTL_S = 600  # a handled message stays this long, so the orphan scan can tell it was handled
 
+# KEYS: the queue, RQ's intermediate list. ARGV: RQ's job hash prefix, started_at, worker name,
+# the id BLMOVE parked in the intermediate list ('' to pop from the queue), the hash of the
+# message handled last ('' if none) to mark finished, and how long it stays. Returns {id, data},
+# data false when the hash is gone, or nil when the queue is empty.
+TAKE = """
+if ARGV[5] ~= '' then
+  redis.call('HSET', ARGV[5], 'status', 'finished')
+  redis.call('EXPIRE', ARGV[5], ARGV[6])
+end
+local id = ARGV[4]
+if id == '' then
+  id = redis.call('LPOP', KEYS[1])
+  if not id then return false end
+else
+  redis.call('LREM', KEYS[2], 1, id)
+end
+local key = ARGV[1] .. id
+local data = redis.call('HGET', key, 'data')
+if data then
+  redis.call('HSET', key, 'status', 'started', 'started_at', ARGV[2], 'worker_name', ARGV[3])
+end
+return {id, data}
+"""
+
+
+def message_payload(data: bytes) -> dict:
+    """The dict an RQ message of `JobQueue.enqueue` carries: its job hash's `data` is the
+    (function, instance, args, kwargs) tuple, JSON, zlib-compressed (as RQ's Job.restore reads it)."""
+    try:
+        data = zlib.decompress(data)
+    except zlib.error:
+        pass  # RQ reads an uncompressed payload too
+    _, _, args, _ = JSONSerializer.loads(data)
+    return args[0]
+
 
 class Consumer:
     """Feeds each message's payload to `handle`, one at a time, until told to stop."""
@@ -54,6 +97,9 @@ class Consumer:
         self.worker = rq.Worker([queue.rq_queue], connection=self.connection, name=name,
                                 serializer=JSONSerializer)
         self.stopping = threading.Event()
+        self.take = self.connection.register_script(TAKE)
+        self.keys = [queue.rq_queue.key, queue.intermediate_key]
+        self.handled = ""  # the hash of the message handled last, until TAKE marks it finished
 
     def work(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +112,8 @@ class Consumer:
                 self.take_one()
         finally:
             self.stopping.set()
+            if self.handled:
+                self._mark(self.handled, "finished")
             try:
                 self.worker.register_death()
             except redis.RedisError as e:
@@ -78,26 +126,42 @@ class Consumer:
 
     def take_one(self) -> None:
         try:
-            found = rq.Queue.dequeue_any([self.queue.rq_queue], DEQUEUE_WAIT_S, connection=self.connection,
-                                         serializer=JSONSerializer)
-        except DequeueTimeout:
-            return
+            taken = self.next_message()
         except redis.RedisError as e:
             log.warning("cannot take messages from Redis (%s); trying again", e)
             time.sleep(REDIS_RETRY_S)
             return
-        if found is None:
+        if taken is None:
             return
-        message, _ = found
-        self._mark(message, "started", started_at=utcformat(now()), worker_name=self.worker.name,
-                   leave=self.queue.intermediate_key)
+        message_id, data = taken
+        key = rq.job.Job.redis_job_namespace_prefix + message_id
+        if data is None:
+            log.warning("message %s has no payload any more (expired or deleted); skipped", message_id)
+            return
         try:
-            self.handle(message.args[0])
+            self.handle(message_payload(data))
         except Exception:  # noqa: BLE001 - a bad message must not stop the loop; the sweep re-sends what waits
-            log.exception("message %s could not be handled", message.id)
-            self._mark(message, "failed", expire_s=HANDLED_TTL_S)
+            log.exception("message %s could not be handled", message_id)
+            self._mark(key, "failed")
         else:
-            self._mark(message, "finished", expire_s=HANDLED_TTL_S)
+            self.handled = key
+
+    def next_message(self) -> tuple[str, bytes | None] | None:
+        """(id, payload) of the next message, marked started; waits up to DEQUEUE_WAIT_S for one."""
+        taken = self._take("")
+        if taken is None:
+            parked = self.connection.blmove(self.keys[0], self.keys[1], DEQUEUE_WAIT_S)
+            if parked is None:
+                return None
+            taken = self._take(parked.decode())
+        message_id, data = taken
+        return message_id.decode(), data
+
+    def _take(self, parked: str):
+        taken = self.take(keys=self.keys, args=[rq.job.Job.redis_job_namespace_prefix, utcformat(now()),
+                                                self.worker.name, parked, self.handled, HANDLED_TTL_S])
+        self.handled = ""
+        return taken
 
     def keep_registered(self) -> None:
         while not self.stopping.wait(HEARTBEAT_S):
@@ -106,15 +170,12 @@ class Consumer:
             except redis.RedisError as e:
                 log.warning("heartbeat to Redis failed: %s", e)
 
-    def _mark(self, message: rq.job.Job, status: str, expire_s: int | None = None, leave: str | None = None,
-              **fields) -> None:
+    def _mark(self, key: str, status: str) -> None:
+        """Mark a handled message and let it expire after HANDLED_TTL_S."""
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                pipe.hset(message.key, mapping={"status": status, **fields})
-                if expire_s:
-                    pipe.expire(message.key, expire_s)
-                if leave:
-                    pipe.lrem(leave, 1, message.id)
+                pipe.hset(key, "status", status)
+                pipe.expire(key, HANDLED_TTL_S)
                 pipe.execute()
         except redis.RedisError as e:
-            log.warning("could not mark message %s %s: %s", message.id, status, e)
+            log.warning("could not mark message %s %s: %s", key, status, e)

@@ -89,35 +89,39 @@ class Lifecycle:
         self.owner = owner
 
     def accept(self, spec: JobSpec, stages: dict | None = None) -> str:
-        """Record then enqueue a new job; returns its id (see `accept_document`)."""
-        return self.accept_document(spec, stages)["_id"]
+        """Record then enqueue a new job; returns its id (see `accept_many`)."""
+        return self.accept_many([spec], stages)[0]["_id"]
 
-    def accept_document(self, spec: JobSpec, stages: dict | None = None) -> dict:
-        """Record then enqueue a new job; on any failure nothing is left behind. Returns
-        the recorded document.
+    def accept_many(self, specs: list[JobSpec], stages: dict | None = None) -> list[dict]:
+        """Record then enqueue new jobs, with one insert and one Redis round trip for all; on
+        any failure none of them is left behind. Returns the recorded documents.
 
-        Raises DependencyDown naming MongoDB or Redis. The record goes first so a
+        Raises DependencyDown naming MongoDB or Redis. The records go first so a
         worker never runs a job MongoDB does not know. `stages` receives the seconds
         each step took ("insert", "enqueue").
         """
         stages = {} if stages is None else stages
-        job_id = new_job_id()
+        ids = [new_job_id() for _ in specs]
         started = time.perf_counter()
-        job = self.store.insert(job_id, spec, utcnow())
+        jobs = self.store.insert_many(list(zip(ids, specs)), utcnow())
         inserted = time.perf_counter()
         try:
-            self.queue.enqueue(job, 0)
+            self.queue.enqueue_many(jobs)
         except Exception:
-            self._forget(job_id)
+            self._forget(ids)
             raise
         stages.update(insert=inserted - started, enqueue=time.perf_counter() - inserted)
-        return job
+        return jobs
 
-    def _forget(self, job_id: str) -> None:
-        try:
-            self.store.withdraw(job_id)
-        except DependencyDown:
-            log.error("job %s: could not remove the record of a job whose enqueue failed", job_id)
+    def _forget(self, job_ids: list[str]) -> None:
+        """Withdraw jobs whose enqueue failed (`store.withdraw`: no stray message can run them)."""
+        for done, job_id in enumerate(job_ids):
+            try:
+                self.store.withdraw(job_id)
+            except DependencyDown:
+                log.error("could not remove the records of %d jobs that were not accepted: %s",
+                          len(job_ids) - done, ", ".join(job_ids[done:]))
+                return
 
     def start(self, message: dict) -> dict | None:
         """Claim the attempt a queue message carries for this worker.
@@ -145,9 +149,11 @@ class Lifecycle:
         """
         return self.finish_many([(job, outcome, timings)])[0]
 
-    def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]]) -> list[Decision]:
+    def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]],
+                    drop_leases: bool = True) -> list[Decision]:
         """Record several attempts' outcomes at once (one insert for all: a worker's recorder
-        writes whatever finished while it was writing the last batch)."""
+        writes whatever finished while it was writing the last batch). A worker drops the
+        leases itself later, many at once (`drop_leases=False`, worker.Recorder)."""
         settlements = []
         for job, outcome, timings in finished:
             fields = {
@@ -161,7 +167,7 @@ class Lifecycle:
                 settlements.append(Settlement(job, changes, None, Decision(False)))
             else:
                 settlements.append(self._failure(job, outcome.error, fields))
-        return self._settle(settlements)
+        return self._settle(settlements, drop_leases)
 
     def fail(self, job: dict, error: dict, fields: dict) -> Decision:
         """Retry the job after a failed attempt, or mark it failed when that was the last."""
@@ -209,7 +215,7 @@ class Lifecycle:
             count += 1
         return count
 
-    def _settle(self, settlements: list[Settlement]) -> list[Decision]:
+    def _settle(self, settlements: list[Settlement], drop_leases: bool = True) -> list[Decision]:
         """Write the settle events; then announce those written now, schedule the retries
         of those that stand, drop the leases.
 
@@ -237,7 +243,8 @@ class Lifecycle:
             if decision.retry:
                 self.store.schedule_retry(job["_id"], job["attempts"], event["retry_at"])
             decisions.append(decision)
-        self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
+        if drop_leases:
+            self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
         return decisions
 
     def reopen(self, job_id: str) -> dict:

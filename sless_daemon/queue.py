@@ -80,13 +80,22 @@ class JobQueue:
         whether the message still exists (`missing`). Delayed retries wait in
         MongoDB, not here.
         """
+        self.enqueue_many([job], attempts)
+
+    @redis_call
+    def enqueue_many(self, jobs: list[dict], attempts: int = 0) -> None:
+        """Enqueue several jobs' attempts after `attempts` in one round trip (RQ's `enqueue_many`)."""
+        with self.connection.pipeline() as pipe:
+            self.rq_queue.enqueue_many([self._message(job, attempts) for job in jobs], pipeline=pipe)
+            pipe.execute()
+
+    def _message(self, job: dict, attempts: int) -> rq.queue.EnqueueData:
         message = {"job_id": job["_id"], "attempt": attempts + 1, "code": job["code"],
                    "input_json": job["input_json"], "entry": job.get("entry"), "limits": job["limits"],
                    "retries": job["retries"], "timeout_s": job["timeout_s"], "enqueued_at": time.time()}
-        self.rq_queue.enqueue(
+        return rq.Queue.prepare_data(
             RUN_JOB, args=(message,), job_id=message_id(job["_id"], attempts),
-            job_timeout=-1, result_ttl=0, failure_ttl=24 * 3600,
-            description=f"sless job {job['_id']}",
+            timeout=-1, result_ttl=0, failure_ttl=24 * 3600, description=f"sless job {job['_id']}",
         )
 
     @redis_call

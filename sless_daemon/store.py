@@ -145,13 +145,17 @@ class OutcomeStore:
         self.retries.create_index([("at", 1)])
 
     @mongo_call
+    def insert_many(self, jobs: list[tuple[str, JobSpec]], now: datetime) -> list[dict]:
+        """Record new jobs, before they are enqueued, in one insert; returns their documents."""
+        documents = [{"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
+                      "timeout_s": spec.timeout_s, "limits": spec.limits.to_dict(), "retries": spec.retries,
+                      "submitted_at": now} for job_id, spec in jobs]
+        self.jobs.insert_many([dict(job) for job in documents])  # copies: pymongo adds nothing to ours
+        return documents
+
     def insert(self, job_id: str, spec: JobSpec, now: datetime) -> dict:
         """Record a new job, before it is enqueued; returns the document."""
-        job = {"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
-               "timeout_s": spec.timeout_s, "limits": spec.limits.to_dict(), "retries": spec.retries,
-               "submitted_at": now}
-        self.jobs.insert_one(dict(job))  # a copy: pymongo adds nothing to ours
-        return job
+        return self.insert_many([(job_id, spec)], now)[0]
 
     @mongo_call
     def get(self, job_id: str) -> dict | None:

@@ -63,6 +63,7 @@ class AttemptRunner:
         self.lifecycle = lifecycle
         self.executor = executor
         self.worker_name = worker_name
+        self.leases = LeaseKeeper(lifecycle)
         self.recorder = Recorder(self)
 
     def run(self, message: dict) -> None:
@@ -80,10 +81,10 @@ class AttemptRunner:
                  summarize(spec.input), extra=fields)
         context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
-        keeper = LeaseKeeper(self.lifecycle, job)
+        self.leases.hold(job)
         watch = AttemptWatch(self.lifecycle, job_id, job["attempts"], self.worker_name)
         outcome = self.execute(spec, context, watch)
-        self.recorder.submit(Finished(job, outcome, timings, fields, keeper))
+        self.recorder.submit(Finished(job, outcome, timings, fields))
         self.executor.prepare()
 
     def execute(self, spec: JobSpec, context: dict, watch: Watch) -> AttemptOutcome:
@@ -95,15 +96,22 @@ class AttemptRunner:
             return AttemptOutcome(error=failed(ErrorType.CRASHED, f"The executor failed: {type(e).__name__}: {e}"))
 
     def record(self, finished: list[Finished]):
-        """Write outcomes, retrying while MongoDB is away: a finished attempt is never dropped."""
-        delay = WRITE_RETRY_FIRST_S
-        while True:
-            try:
-                return self.lifecycle.finish_many([(f.job, f.outcome, f.timings) for f in finished])
-            except DependencyDown as e:
-                log.warning("cannot record %d outcomes yet (%s); retrying in %.1f s", len(finished), e, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, WRITE_RETRY_MAX_S)
+        """Write outcomes, retrying while MongoDB is away: a finished attempt is never dropped.
+        Their leases stay (see Recorder) and are no longer renewed."""
+        return persist(lambda: self.lifecycle.finish_many([(f.job, f.outcome, f.timings) for f in finished],
+                                                          drop_leases=False), f"record {len(finished)} outcomes")
+
+
+def persist(write, what: str):
+    """Call `write` until MongoDB takes it, waiting longer after each refusal."""
+    delay = WRITE_RETRY_FIRST_S
+    while True:
+        try:
+            return write()
+        except DependencyDown as e:
+            log.warning("cannot %s yet (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, WRITE_RETRY_MAX_S)
 
 
 @dataclass
@@ -114,7 +122,6 @@ class Finished:
     outcome: AttemptOutcome
     timings: dict
     fields: dict
-    keeper: LeaseKeeper
 
 
 class Recorder:
@@ -125,13 +132,25 @@ class Recorder:
     dies with outcomes unwritten, the recovery sweep settles those attempts as lost and
     they are retried, as if it had died while running them. At most MAX_PENDING wait;
     `drain` waits for all of them (the worker is stopping).
+
+    Settled attempts' leases are dropped together, DROP_AFTER_S after the first of them
+    settled or once DROP_BATCH wait: a delete costs FerretDB a scan of `leases` and a
+    commit, as much as the settle itself (BENCHMARKS.md step 9). A lease left behind a
+    settle event is inert: readers go by the settle event (store.derive), nobody renews
+    it, and if this worker dies before dropping it, the sweep finds the attempt settled
+    and only drops it (Lifecycle.lose).
     """
 
     MAX_PENDING = 4
+    DROP_AFTER_S = 0.5
+    DROP_BATCH = 64
 
     def __init__(self, runner: AttemptRunner):
         self.runner = runner
         self.pending: queue.Queue[Finished] = queue.Queue(maxsize=self.MAX_PENDING)
+        self.settled: list[tuple[str, int]] = []  # leases to drop
+        self.drop_at = float("inf")
+        self.lock = threading.Lock()  # over `settled`: the recorder and `drain` both drop
         threading.Thread(target=self.loop, name="recorder", daemon=True).start()
 
     def submit(self, finished: Finished) -> None:
@@ -139,10 +158,15 @@ class Recorder:
 
     def drain(self) -> None:
         self.pending.join()
+        self.drop_settled_leases()
 
     def loop(self) -> None:
         while True:
-            batch = [self.pending.get()]
+            try:
+                batch = [self.pending.get(timeout=self.wait_s())]
+            except queue.Empty:
+                self.drop_settled_leases()
+                continue
             while len(batch) < self.MAX_PENDING:  # whatever else finished meanwhile: one insert for all
                 try:
                     batch.append(self.pending.get_nowait())
@@ -151,12 +175,29 @@ class Recorder:
             try:
                 for finished, decision in zip(batch, self.runner.record(batch)):
                     log_outcome(finished.job, finished.outcome, decision, finished.fields)
+                with self.lock:
+                    self.settled.extend((f.job["_id"], f.job["attempts"]) for f in batch)
+                    self.drop_at = min(self.drop_at, time.monotonic() + self.DROP_AFTER_S)
+                    full = len(self.settled) >= self.DROP_BATCH
+                if full:
+                    self.drop_settled_leases()
             except Exception:  # noqa: BLE001 - the leases will expire and the attempts be retried
                 log.exception("%d outcomes could not be recorded", len(batch))
             finally:
                 for finished in batch:
-                    finished.keeper.close()
+                    self.runner.leases.release(finished.job)
                     self.pending.task_done()
+
+    def wait_s(self) -> float | None:
+        """How long the recorder may wait for the next outcome before leases are due to drop."""
+        with self.lock:
+            return None if not self.settled else max(0.0, self.drop_at - time.monotonic())
+
+    def drop_settled_leases(self) -> None:
+        with self.lock:
+            settled, self.settled, self.drop_at = self.settled, [], float("inf")
+        if settled:
+            persist(lambda: self.runner.lifecycle.store.drop_leases(settled), f"drop {len(settled)} leases")
 
 
 class AttemptWatch(Watch):
@@ -214,29 +255,37 @@ class AttemptWatch(Watch):
 
 
 class LeaseKeeper:
-    """Renews a running attempt's lease from a thread until its outcome is written (the heartbeat).
+    """Renews the leases of this worker's running attempts from one thread, every fifth of a
+    lease, until their outcomes are written (the heartbeat).
 
-    If this worker dies, nobody renews it and a recovery sweep on any host settles
-    the attempt as lost within about one lease.
+    If this worker dies, nobody renews them and a recovery sweep on any host settles
+    those attempts as lost within about one lease.
     """
 
-    def __init__(self, lifecycle: Lifecycle, job: dict):
+    def __init__(self, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
-        self.job = job
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.beat, name=f"lease-{job['_id']}", daemon=True)
-        self.thread.start()
+        self.held: dict[tuple[str, int], dict] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self.beat, name="leases", daemon=True).start()
 
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
+    def hold(self, job: dict) -> None:
+        with self.lock:
+            self.held[job["_id"], job["attempts"]] = job
+
+    def release(self, job: dict) -> None:
+        with self.lock:
+            self.held.pop((job["_id"], job["attempts"]), None)
 
     def beat(self) -> None:
-        while not self.stop.wait(self.lifecycle.settings.lease_s / 5):
-            try:
-                self.lifecycle.renew(self.job)
-            except DependencyDown as e:
-                log.warning("job %s: cannot renew the lease (%s)", self.job["_id"], e)
+        while True:
+            time.sleep(self.lifecycle.settings.lease_s / 5)
+            with self.lock:
+                jobs = list(self.held.values())
+            for job in jobs:
+                try:
+                    self.lifecycle.renew(job)
+                except DependencyDown as e:
+                    log.warning("job %s: cannot renew the lease (%s)", job["_id"], e)
 
 
 def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> None:

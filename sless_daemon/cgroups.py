@@ -170,7 +170,8 @@ def _write_limit(path: str, value) -> None:
         finally:
             os.close(fd)
     except OSError:
-        if "swap" not in path and "memsw" not in path:
+        name = os.path.basename(path)
+        if "swap" not in name and "memsw" not in name:
             raise
 
 

@@ -90,10 +90,13 @@ def message_payload(data: bytes) -> dict:
 class Consumer:
     """Feeds each message's payload to `handle`, one at a time, until told to stop."""
 
-    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict], None]):
+    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict], None],
+                 idle: Callable[[], None] = lambda: None):
+        """`idle` is called whenever the queue is found empty, before waiting for a message."""
         self.queue = queue
         self.connection = queue.connection
         self.handle = handle
+        self.idle = idle
         self.worker = rq.Worker([queue.rq_queue], connection=self.connection, name=name,
                                 serializer=JSONSerializer)
         self.stopping = threading.Event()
@@ -150,6 +153,7 @@ class Consumer:
         """(id, payload) of the next message, marked started; waits up to DEQUEUE_WAIT_S for one."""
         taken = self._take("")
         if taken is None:
+            self.idle()
             parked = self.connection.blmove(self.keys[0], self.keys[1], DEQUEUE_WAIT_S)
             if parked is None:
                 return None

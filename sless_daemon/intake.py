@@ -7,7 +7,9 @@ when requests arrive together the first becomes the leader: it writes its own jo
 every job queued behind it while it writes, as one group (Lifecycle.accept_many), then
 hands the lead to the first request that queued meanwhile. A lone request is written
 at once, by its own thread: no batching delay, no extra thread. Every request still
-gets its own answer, and a group fails or succeeds as a whole (nothing half-accepted).
+gets its own answer, the same for the whole group: accepted, or refused (503) with the
+records withdrawn when the enqueue failed (Lifecycle.accept_many says what is left
+when MongoDB itself goes away in the middle).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _Request:
 
     def outcome(self) -> dict:
         if self.error is not None:
-            raise self.error
+            raise self.error  # the group's error, the same object in every thread of the group
         return self.job
 
 

@@ -99,6 +99,11 @@ class Lifecycle:
         Raises DependencyDown naming MongoDB or Redis. The records go first so a
         worker never runs a job MongoDB does not know. `stages` receives the seconds
         each step took ("insert", "enqueue").
+
+        One window stays, as it did for single inserts: when MongoDB goes away during
+        the insert (some records written, the answer lost) or before the withdrawal
+        of a failed enqueue, the caller is told 503 while records may remain; the
+        orphan scan then enqueues them, so such a job can still run (once).
         """
         stages = {} if stages is None else stages
         ids = [new_job_id() for _ in specs]

@@ -58,12 +58,15 @@ PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, LINUX_CAPABILITY_VERSION_3 = 4, 2
 CAP_LAST_POSSIBLE = 63
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Looked up here, in the server: ctypes makes a function object on first use, and in an
+# attempt (a fork) that would be done again, writing to pages shared with the server.
+_unshare, _setns, _mount, _prctl, _capset = _libc.unshare, _libc.setns, _libc.mount, _libc.prctl, _libc.capset
 
 
 def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     plain = "--plain" in sys.argv[2:]
-    seccomp_bpf = b"" if plain else _read(SECCOMP_PATH)
+    seccomp = None if plain else seccomp_program(_read(SECCOMP_PATH))
     own_pid_ns = None if plain else os.open("/proc/self/ns/pid", os.O_RDONLY)
     gc.freeze()  # what is here now is shared by every fork, not copied page by page
     control.send(b'{"ready": true}')
@@ -74,10 +77,11 @@ def main() -> None:
             os._exit(0)
         if not message:
             os._exit(0)  # the worker is gone
+        order = json.loads(message)  # the worker's, not the job's: parsed once, before the fork
         pid = fork_into_new_pid_namespace(own_pid_ns)
         if pid == 0:
             control.close()
-            attempt(json.loads(message), fds, plain, seccomp_bpf)
+            attempt(order, fds, plain, seccomp)
         for fd in fds:
             os.close(fd)
         _, status = os.waitpid(pid, 0)
@@ -93,20 +97,20 @@ def fork_into_new_pid_namespace(own_pid_ns) -> int:
     """
     if own_pid_ns is None:
         return os.fork()
-    _check(_libc.unshare(CLONE_NEWPID), "unshare PID namespace")
+    _check(_unshare(CLONE_NEWPID), "unshare PID namespace")
     pid = os.fork()
     if pid:
-        _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
+        _check(_setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
     return pid
 
 
-def attempt(order: dict, fds: list, plain: bool, seccomp_bpf: bytes) -> None:
+def attempt(order: dict, fds: list, plain: bool, seccomp) -> None:
     """In the forked child: build the attempt's sandbox, run the job, never return."""
     try:
         _take_descriptors(fds)  # first: a setup failure below is reported on the attempt's stderr
         if not plain:
             _write("/proc/self/oom_score_adj", "1000")  # if memory runs out, the job goes first
-            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 1 of its own PID namespace
+            _check(_unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 1 of its own PID namespace
             _mount_fresh_filesystems(order["tmpfs_bytes"])
             _fork_and_wait()  # PID 1 stays as init: user code keeps normal signals
             _become_nobody()
@@ -115,7 +119,7 @@ def attempt(order: dict, fds: list, plain: bool, seccomp_bpf: bytes) -> None:
             resource.setrlimit(which, (soft, hard))
         if not plain:
             _drop_capabilities()
-            _load_seccomp(seccomp_bpf)
+            _load_seccomp(seccomp)
     except BaseException as e:  # noqa: BLE001 - anything here is a sandbox fault, reported as such
         os.write(2, f"sless: the attempt's sandbox could not be set up: {e}\n".encode())
         os._exit(SETUP_FAILED)
@@ -124,19 +128,27 @@ def attempt(order: dict, fds: list, plain: bool, seccomp_bpf: bytes) -> None:
 
 def run_request(max_result_bytes: int) -> None:
     """Read the request, run the code, write the report, and end the attempt's process."""
-    # Opened before user code runs, so code that breaks builtins or imports cannot stop the report.
-    out = os.fdopen(REPORT_FD, "w", encoding="utf-8")
-    request = json.loads(sys.stdin.buffer.read())
+    # Bound before user code runs, so code that breaks builtins or imports cannot stop the report.
+    write, exit_now, now, flush_out, flush_err = os.write, os._exit, time.time, sys.stdout.flush, sys.stderr.flush
+    request = json.loads(_read_all(0))
     _detach_stdin()
     gc.unfreeze()
-    started = time.time()
+    started = now()
     report = run(request["code"], request["input"], request.get("entry"), request.get("context"), max_result_bytes)
-    report = report[:-1] + f', "times": [{started!r}, {time.time()!r}]}}'  # when the code ran, for the stages
-    sys.stdout.flush()
-    sys.stderr.flush()
-    out.write(report)
-    out.close()
-    os._exit(0)  # the function is done: threads or handlers it left behind do not hold the attempt open
+    report = report[:-1] + f', "times": [{started!r}, {now()!r}]}}'  # when the code ran, for the stages
+    flush_out()
+    flush_err()
+    data = report.encode()
+    while data:
+        data = data[write(REPORT_FD, data):]
+    exit_now(0)  # the function is done: threads or handlers it left behind do not hold the attempt open
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def run(code: str, value, entry, context, max_result_bytes: int) -> str:
@@ -281,11 +293,11 @@ def _fork_and_wait() -> None:
 
 def _mount_fresh_filesystems(tmpfs_bytes: int) -> None:
     """This attempt's own /proc (its PID namespace only), /work and /dev/shm."""
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-    _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
+    _check(_mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    _check(_mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
     size = f"size={tmpfs_bytes},mode=0755,uid=0,gid=0".encode()
-    _check(_libc.mount(b"tmpfs", WORKDIR.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /work")
-    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SHM_OPTIONS),
+    _check(_mount(b"tmpfs", WORKDIR.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /work")
+    _check(_mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SHM_OPTIONS),
            "mount /dev/shm")
 
 
@@ -295,7 +307,7 @@ def _become_nobody() -> None:
     That namespace owns none of the attempt's other namespaces, so even its
     capabilities (dropped next) could not mount or configure anything.
     """
-    _check(_libc.unshare(CLONE_NEWUSER), "unshare user namespace")
+    _check(_unshare(CLONE_NEWUSER), "unshare user namespace")
     _write("/proc/self/uid_map", f"{INSIDE_UID} 0 1\n")
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/gid_map", f"{INSIDE_UID} 0 1\n")
@@ -311,25 +323,34 @@ def _take_descriptors(fds: list) -> None:
     os.closerange(REPORT_FD + 1, 1 << 16)
 
 
+# Built once in the server, so each attempt only makes the calls (ctypes builds a type on
+# first use; in a forked attempt every object it touches is a page copied).
+_CAP_HEADER = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+_CAP_DATA = (ctypes.c_uint32 * 6)()
+
+
 def _drop_capabilities() -> None:
     for cap in range(CAP_LAST_POSSIBLE + 1):
-        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last cap: fine
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()
-    _check(_libc.capset(header, data), "capset")
+        _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last cap: fine
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    _check(_capset(_CAP_HEADER, _CAP_DATA), "capset")
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def _load_seccomp(bpf: bytes) -> None:
-    """Install the job's filter (stacked on the server's own, which bubblewrap loaded)."""
+def seccomp_program(bpf: bytes):
+    """The filter as prctl takes it (a sock_fprog and the buffer it points to), built in the server."""
     program = ctypes.create_string_buffer(bpf, len(bpf))
-    fprog = _SockFprog(len(bpf) // 8, ctypes.addressof(program))
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
+    return _SockFprog(len(bpf) // 8, ctypes.addressof(program)), program
+
+
+def _load_seccomp(program) -> None:
+    """Install the job's filter (stacked on the server's own, which bubblewrap loaded)."""
+    fprog, _ = program
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    _check(_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
 
 
 def _check(result: int, what: str) -> None:

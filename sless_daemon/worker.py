@@ -133,71 +133,101 @@ class Recorder:
     they are retried, as if it had died while running them. At most MAX_PENDING wait;
     `drain` waits for all of them (the worker is stopping).
 
-    Settled attempts' leases are dropped together, DROP_AFTER_S after the first of them
-    settled or once DROP_BATCH wait: a delete costs FerretDB a scan of `leases` and a
-    commit, as much as the settle itself (BENCHMARKS.md step 9). A lease left behind a
-    settle event is inert: readers go by the settle event (store.derive), nobody renews
-    it, and if this worker dies before dropping it, the sweep finds the attempt settled
-    and only drops it (Lifecycle.lose).
+    Settled attempts' leases are dropped together: once the worker finds the queue empty
+    (`idle`), or DROP_AFTER_S after the first of them settled, or once DROP_BATCH wait. A
+    delete costs FerretDB a scan of `leases` and a commit, as much as the settle itself
+    (BENCHMARKS.md step 10). A lease left behind a settle event is inert: readers go by
+    the settle event (store.derive), nobody renews it, and if this worker dies before
+    dropping it, the sweep finds the attempt settled and only drops it (Lifecycle.lose).
+    An idle worker holds none, so the autoscaler's count of busy workers is right when
+    it decides to shrink.
     """
 
     MAX_PENDING = 4
     DROP_AFTER_S = 0.5
     DROP_BATCH = 64
+    DROP_NOW = None  # queued by `idle`: drop what is settled once what finished before it is written
 
     def __init__(self, runner: AttemptRunner):
         self.runner = runner
-        self.pending: queue.Queue[Finished] = queue.Queue(maxsize=self.MAX_PENDING)
+        self.pending: queue.Queue[Finished | None] = queue.Queue(maxsize=self.MAX_PENDING + 1)
         self.settled: list[tuple[str, int]] = []  # leases to drop
         self.drop_at = float("inf")
-        self.lock = threading.Lock()  # over `settled`: the recorder and `drain` both drop
+        self.lock = threading.Lock()  # over `settled`
+        self.dropping = threading.Lock()  # one drop at a time: the recorder's, or `drain`'s last
         threading.Thread(target=self.loop, name="recorder", daemon=True).start()
 
     def submit(self, finished: Finished) -> None:
         self.pending.put(finished)  # blocks while MAX_PENDING wait: MongoDB sets the pace
 
+    def idle(self) -> None:
+        """The worker found no message: drop the settled attempts' leases once what is queued is written."""
+        if self.settled or not self.pending.empty():
+            try:
+                self.pending.put_nowait(self.DROP_NOW)
+            except queue.Full:
+                pass  # outcomes are queued; the worker asks again when it next finds the queue empty
+
     def drain(self) -> None:
+        """Wait until every outcome is written; then try once to drop the leases left."""
         self.pending.join()
-        self.drop_settled_leases()
+        try:
+            self.drop_settled_leases(retry=False)
+        except Exception as e:  # noqa: BLE001 - optional: the sweep drops leases behind settle events
+            log.warning("could not drop %d settled leases before stopping (%s)", len(self.settled), e)
 
     def loop(self) -> None:
         while True:
             try:
-                batch = [self.pending.get(timeout=self.wait_s())]
+                items = [self.pending.get(timeout=self.wait_s())]
             except queue.Empty:
-                self.drop_settled_leases()
-                continue
-            while len(batch) < self.MAX_PENDING:  # whatever else finished meanwhile: one insert for all
+                items = []  # the settled leases are due
+            while items and len(items) <= self.MAX_PENDING:  # whatever else finished meanwhile: one insert
                 try:
-                    batch.append(self.pending.get_nowait())
+                    items.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
+            batch = [item for item in items if item is not self.DROP_NOW]
             try:
-                for finished, decision in zip(batch, self.runner.record(batch)):
-                    log_outcome(finished.job, finished.outcome, decision, finished.fields)
-                with self.lock:
-                    self.settled.extend((f.job["_id"], f.job["attempts"]) for f in batch)
-                    self.drop_at = min(self.drop_at, time.monotonic() + self.DROP_AFTER_S)
-                    full = len(self.settled) >= self.DROP_BATCH
-                if full:
+                if batch:
+                    self.write(batch)
+                if not items or len(batch) < len(items) or self.drop_due():
                     self.drop_settled_leases()
             except Exception:  # noqa: BLE001 - the leases will expire and the attempts be retried
-                log.exception("%d outcomes could not be recorded", len(batch))
+                log.exception("the recorder failed on %d outcomes; it goes on with the next", len(batch))
             finally:
-                for finished in batch:
-                    self.runner.leases.release(finished.job)
+                for _ in items:
                     self.pending.task_done()
+
+    def write(self, batch: list[Finished]) -> None:
+        """Write these outcomes in one insert; their leases are no longer renewed."""
+        try:
+            for finished, decision in zip(batch, self.runner.record(batch)):
+                log_outcome(finished.job, finished.outcome, decision, finished.fields)
+            with self.lock:
+                self.settled.extend((f.job["_id"], f.job["attempts"]) for f in batch)
+                self.drop_at = min(self.drop_at, time.monotonic() + self.DROP_AFTER_S)
+        finally:
+            for finished in batch:
+                self.runner.leases.release(finished.job)
+
+    def drop_due(self) -> bool:
+        with self.lock:
+            return len(self.settled) >= self.DROP_BATCH or time.monotonic() >= self.drop_at
 
     def wait_s(self) -> float | None:
         """How long the recorder may wait for the next outcome before leases are due to drop."""
         with self.lock:
             return None if not self.settled else max(0.0, self.drop_at - time.monotonic())
 
-    def drop_settled_leases(self) -> None:
-        with self.lock:
-            settled, self.settled, self.drop_at = self.settled, [], float("inf")
-        if settled:
-            persist(lambda: self.runner.lifecycle.store.drop_leases(settled), f"drop {len(settled)} leases")
+    def drop_settled_leases(self, retry: bool = True) -> None:
+        with self.dropping:
+            with self.lock:
+                settled, self.settled, self.drop_at = self.settled, [], float("inf")
+            if not settled:
+                return
+            drop = lambda: self.runner.lifecycle.store.drop_leases(settled)  # noqa: E731
+            persist(drop, f"drop {len(settled)} leases") if retry else drop()
 
 
 class AttemptWatch(Watch):
@@ -284,7 +314,7 @@ class LeaseKeeper:
             for job in jobs:
                 try:
                     self.lifecycle.renew(job)
-                except DependencyDown as e:
+                except Exception as e:  # noqa: BLE001 - one failed renewal must not end the others'
                     log.warning("job %s: cannot renew the lease (%s)", job["_id"], e)
 
 
@@ -338,7 +368,7 @@ def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) 
     runner = build_runner(settings, name, connection, sandbox)
     runner.executor.probe()
     runner.executor.prepare()
-    consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run)
+    consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run, idle=runner.recorder.idle)
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
     try:
         consumer.work()

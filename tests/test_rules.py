@@ -94,7 +94,7 @@ def test_every_attempt_enters_fresh_namespaces_as_nobody():
 
     source = Path(runner.__file__).read_text()
     fork = source[source.index("def fork_into_new_pid_namespace("):source.index("def attempt(")]
-    assert fork.index("_libc.unshare(CLONE_NEWPID)") < fork.index("pid = os.fork()") < fork.index("_libc.setns(")
+    assert fork.index("_unshare(CLONE_NEWPID)") < fork.index("pid = os.fork()") < fork.index("_setns(")
     steps = source[source.index("def attempt("):source.index("def run_request(")]
     for step in ("CLONE_NEWNS | CLONE_NEWIPC", "_mount_fresh_filesystems",
                  "_become_nobody", "_drop_capabilities", "_load_seccomp", "setrlimit"):

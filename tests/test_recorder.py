@@ -54,24 +54,25 @@ def wait_for(condition, timeout_s: float = 5.0) -> bool:
 def test_an_idle_worker_drops_its_settled_leases_at_once():
     runner = Runner()
     recorder = Recorder(runner)
+    recorder.DROP_AFTER_S = 3600  # only the idle signal can drop them within this test
     for n in range(3):
         recorder.submit(finished(n))
     recorder.idle()
-    assert wait_for(lambda: sum(map(len, runner.dropped)) == 3, timeout_s=0.4)  # before DROP_AFTER_S
+    assert wait_for(lambda: sum(map(len, runner.dropped)) == 3)
     assert runner.recorded == ["job0", "job1", "job2"]
 
 
-def test_under_steady_load_leases_drop_every_half_second_not_every_64():
+def test_with_outcomes_always_waiting_leases_still_drop_when_due():
+    """A backlog never lets the recorder's wait time out; the drop must come when due anyway."""
     runner = Runner()
+    record = runner.record
+    runner.record = lambda batch: (time.sleep(0.1), record(batch))[1]  # a slow MongoDB: a backlog builds
     recorder = Recorder(runner)
-    started = time.monotonic()
-    for n in range(30):  # 30 outcomes over 1.5 s: fewer than DROP_BATCH
+    for n in range(40):  # fewer than DROP_BATCH; `submit` blocks while MAX_PENDING wait
         recorder.submit(finished(n))
-        time.sleep(0.05)
     recorder.drain()
-    first_drop = runner.dropped[0]
-    assert len(runner.dropped) >= 2 and len(first_drop) < 30, runner.dropped
-    assert time.monotonic() - started < 3
+    assert len(runner.recorded) == 40
+    assert len(runner.dropped) >= 2 and len(runner.dropped[0]) < 40, [len(d) for d in runner.dropped]
 
 
 def test_a_failed_drop_or_record_does_not_stop_the_recorder():

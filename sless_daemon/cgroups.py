@@ -32,7 +32,7 @@ class JobCgroup:
 
     Which control files exist is looked up once: every attempt reads and writes them
     (twice five files), and a `stat` plus a `pathlib` open per file cost the worker about
-    0.3 ms per job (py-spy, BENCHMARKS.md step 10).
+    0.3 ms per job (py-spy, BENCHMARKS.md, session 4, step 11).
     """
 
     def __init__(self, dirs: list[Path], version: int):

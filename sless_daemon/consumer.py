@@ -21,7 +21,7 @@ reads RQ's, so this loop uses RQ for what it needs only:
   lease, or its settle event, is what counts. `finished` goes with the next `TAKE`,
   which follows at once (or as the loop ends).
 
-Measured (bench/results, BENCHMARKS.md step 9): RQ's `Queue.dequeue_any` plus the
+Measured (BENCHMARKS.md, session 4, step 10): RQ's `Queue.dequeue_any` plus the
 `started` and `finished` marks took four round trips and 0.5-0.7 ms of the worker's CPU
 per job (building RQ's Job object parses every field of the hash); `TAKE` takes one.
 

@@ -136,7 +136,7 @@ class Recorder:
     Settled attempts' leases are dropped together: once the worker finds the queue empty
     (`idle`), or DROP_AFTER_S after the first of them settled, or once DROP_BATCH wait. A
     delete costs FerretDB a scan of `leases` and a commit, as much as the settle itself
-    (BENCHMARKS.md step 10). A lease left behind a settle event is inert: readers go by
+    (BENCHMARKS.md, session 4, step 10). A lease left behind a settle event is inert: readers go by
     the settle event (store.derive), nobody renews it, and if this worker dies before
     dropping it, the sweep finds the attempt settled and only drops it (Lifecycle.lose).
     An idle worker holds none, so the autoscaler's count of busy workers is right when

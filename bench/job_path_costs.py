@@ -93,7 +93,7 @@ def main() -> None:
                 lambda i: store.events.find_one({"_id": f"{ids[-1 - i]}/1/settle"}), runs)
     finally:
         store.client.drop_database(scratch)
-        queue.connection.delete(queue.rq_queue.key, queue.intermediate_key,
+        queue.connection.delete(queue.rq_queue.key, queue.intermediate_key, queue.taken_key,
                                 *[f"rq:job:{job_id}-0" for job_id in ids])
         queue.connection.srem(queue.rq_queue.redis_queues_keys, queue.rq_queue.key)
 

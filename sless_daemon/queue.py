@@ -29,6 +29,7 @@ SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per record
 SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody else reads it
 ANNOUNCED_EVENT_MAX_BYTES = 4096
 EVENT_JSON = json_util.JSONOptions(tz_aware=True, tzinfo=timezone.utc)
+TAKEN_KEY = "sless:taken:"  # + queue name: a sorted set of messages taken by workers and not yet handled, by time
 CANCEL_KEY = "sless:cancel:"  # + job id: the attempt to cancel (lifecycle.cancel), read by its worker
 CANCEL_TTL_S = 24 * 3600
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
@@ -51,6 +52,12 @@ def _will_start(status: bytes | None, started_at: bytes | None, now: datetime, g
 def message_id(job_id: str, attempts: int) -> str:
     """The RQ job id of the message for the attempt after `attempts`."""
     return f"{job_id}-{attempts}"
+
+
+def attempt_of(message: str) -> tuple[str, int] | None:
+    """(job id, attempts) a message id names (`message_id`), or None for another id."""
+    job_id, _, attempts = message.rpartition("-")
+    return (job_id, int(attempts)) if job_id and attempts.isdigit() else None
 
 
 def connect_redis(url: str, timeout_s: float = 3.0) -> redis.Redis:
@@ -147,6 +154,32 @@ class JobQueue:
             pipe.persist(rq.job.Job.redis_job_namespace_prefix + key)
             pipe.lrem(self.intermediate_key, 0, key)
             pipe.execute()
+
+    @property
+    def taken_key(self) -> str:
+        return TAKEN_KEY + self.name
+
+    @redis_call
+    def taken_before(self, epoch_s: float, limit: int = 1000) -> list[str]:
+        """Ids of messages a worker took before `epoch_s` and never marked finished (consumer.TAKE)."""
+        return [m.decode() for m in self.connection.zrangebyscore(self.taken_key, "-inf", epoch_s, 0, limit)]
+
+    @redis_call
+    def parked(self) -> list[str]:
+        """Ids a worker's blocking pop moved into RQ's intermediate list and never took over."""
+        ids = [p.decode() for p in self.connection.lrange(self.intermediate_key, 0, -1)]
+        if not ids:
+            return []
+        with self.connection.pipeline(transaction=False) as pipe:
+            for message in ids:
+                pipe.hget(rq.job.Job.redis_job_namespace_prefix + message, "status")
+            statuses = pipe.execute()
+        return [message for message, status in zip(ids, statuses) if status in (None, b"queued")]
+
+    @redis_call
+    def forget_taken(self, message_ids: list[str]) -> None:
+        if message_ids:
+            self.connection.zrem(self.taken_key, *message_ids)
 
     @property
     def intermediate_key(self) -> str:

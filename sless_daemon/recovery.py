@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from .errors import DependencyDown
 from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
+from .queue import attempt_of
 from .states import JobState
 
 log = logging.getLogger("sless.recovery")
@@ -38,23 +39,33 @@ class Recovery:
         self.store = lifecycle.store
         self.outage: str | None = None
         self.next_orphan_scan = 0.0
+        self.next_full_scan = 0.0
         self.marker_seen: bytes | None = None
 
     def sweep(self) -> dict[str, int]:
         """Run the repairs once; returns how many jobs each one touched.
 
-        Leases and retries live in small collections and are checked every time. The
-        orphan scan reads every waiting job, so it runs at start, as soon as Redis
-        shows it lost its data (`redis_forgot`), every `orphan_grace_s` while it keeps
-        finding orphans, and otherwise once per `orphan_scan_interval_s`.
+        Leases and retries live in small collections and are checked every time.
+        Every `orphan_scan_interval_s` the messages workers took and never handled, or
+        left in RQ's intermediate list, are looked at (a set in Redis: cheap however
+        many jobs are stored). The full orphan scan reads every job and event (2.7 s
+        with 10,000 jobs on FerretDB), so it runs at start, as soon as Redis shows it
+        lost its data (`redis_forgot`) and once more a grace later, every `orphan_grace_s`
+        while it keeps finding orphans, and otherwise once per `orphan_full_scan_interval_s`.
         """
         try:
             counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}
-            if self.redis_forgot() or time.monotonic() >= self.next_orphan_scan:
+            settings, now, forgot = self.lifecycle.settings, time.monotonic(), self.redis_forgot()
+            if forgot or now >= self.next_full_scan:
                 counts["orphans"] = self.requeue_orphans()
-                settings = self.lifecycle.settings
-                pause = settings.orphan_grace_s if counts["orphans"] else settings.orphan_scan_interval_s
-                self.next_orphan_scan = time.monotonic() + pause
+                # again after the grace: jobs younger than it when Redis forgot are not orphans yet
+                self.next_full_scan = now + (settings.orphan_grace_s if counts["orphans"] or forgot
+                                             else settings.orphan_full_scan_interval_s)
+                self.next_orphan_scan = now + settings.orphan_scan_interval_s
+            elif now >= self.next_orphan_scan:
+                counts["orphans"] = self.requeue_stuck_messages()
+                self.next_orphan_scan = now + (settings.orphan_grace_s if counts["orphans"]
+                                               else settings.orphan_scan_interval_s)
         except DependencyDown as e:
             if self.outage != e.dependency:  # once per outage, not every second
                 log.warning("recovery sweep paused until %s is back: %s", e.dependency, e)
@@ -113,6 +124,27 @@ class Recovery:
             log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
                         extra={"job_id": job["_id"]})
             count += 1
+        return count
+
+    def requeue_stuck_messages(self) -> int:
+        """Send again the messages a worker took (or parked) and never handled, when their
+        attempt is still waiting: the worker died between taking and claiming, or could
+        not claim (MongoDB away). Looks only at those messages, not at every job."""
+        queue, settings = self.lifecycle.queue, self.lifecycle.settings
+        count = 0
+        for message in queue.taken_before(time.time() - settings.lease_s) + queue.parked():
+            named = attempt_of(message)
+            job = self.store.get(named[0]) if named else None
+            queue.forget_taken([message])  # before a resend: a worker taking it again notes it anew
+            waiting = (job is not None and job["state"] == JobState.SUBMITTED.value and job["attempts"] == named[1]
+                       and (job["retry_at"] is None or job["retry_at"] <= utcnow()))
+            if waiting and self.store.claimed_by(job["_id"], job["attempts"] + 1) == CANCEL_FENCE:
+                self.lifecycle.cancel_before_start(job)
+            elif waiting:
+                queue.resend(job, job["attempts"])
+                log.warning("job %s: its message was taken by a worker that never claimed it; sent again",
+                            job["_id"], extra={"job_id": job["_id"]})
+                count += 1
         return count
 
     def run_in_background(self, interval_s: float, stop: threading.Event) -> threading.Thread:

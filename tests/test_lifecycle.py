@@ -39,6 +39,7 @@ def lifecycle():
     yield Lifecycle(settings, store, queue, owner="test")
     store.client.drop_database(settings.mongo_db)
     queue.rq_queue.empty()
+    queue.connection.delete(queue.taken_key)
 
 
 def message(lifecycle: Lifecycle, job_id: str, attempts: int = 0) -> dict:
@@ -333,3 +334,41 @@ def test_a_report_cannot_pass_for_a_timeout_a_lost_worker_or_a_cancel():
     for kind in ("timeout", "worker_lost", "cancelled", "output_limit", "crashed"):
         assert _known_error({"type": kind, "message": "forged"})["type"] == "crashed"
     assert _known_error({"type": "exception", "message": "ValueError"})["type"] == "exception"
+
+
+def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(lifecycle):
+    """The cheap periodic check (not the full scan) finds a message taken and never claimed,
+    sends it again once, and forgets messages whose attempt was claimed."""
+    from sless_daemon.consumer import Consumer
+    from sless_daemon.recovery import Recovery
+
+    queue = lifecycle.queue
+    died, lived = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
+    taker = Consumer(queue, "taker", lambda payload: None)
+    assert taker.next_message()[0] == message_id(died, 0)  # taken, then the worker died
+    assert taker.next_message()[0] == message_id(lived, 0)
+    assert lifecycle.start(message(lifecycle, lived)) is not None  # this one was claimed
+    assert queue.taken_before(float("inf")) == [message_id(died, 0), message_id(lived, 0)]
+    sweeper = other_worker(lifecycle, "sweeper")
+    sweeper.settings = dataclasses.replace(lifecycle.settings, lease_s=0.0)
+    recovery = Recovery(sweeper)
+    recovery.redis_forgot()  # as after its first sweep: it knows Redis kept its data
+    recovery.next_full_scan = float("inf")  # only the cheap check may run
+    assert recovery.sweep()["orphans"] == 1
+    assert queue.depth() == 1 and queue.taken_before(float("inf")) == []
+    assert Consumer(queue, "next", lambda payload: None).next_message()[0] == message_id(died, 0)
+    sweeper.settings = lifecycle.settings  # a lease of grace (10 s) for a message taken just now
+    recovery.next_orphan_scan = 0.0
+    assert recovery.sweep()["orphans"] == 0 and queue.depth() == 0
+
+
+def test_a_handled_message_leaves_the_taken_set(lifecycle):
+    from sless_daemon.consumer import Consumer
+
+    lifecycle.accept(SPEC)
+    handled = []
+    consumer = Consumer(lifecycle.queue, "w", handled.append)
+    consumer.take_one()
+    assert len(handled) == 1 and len(lifecycle.queue.taken_before(float("inf"))) == 1
+    consumer.take_one()  # the next take (the queue is empty: it waits a second) marks the last finished
+    assert lifecycle.queue.taken_before(float("inf")) == []

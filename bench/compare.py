@@ -843,7 +843,7 @@ def sandbox_cpu_ms() -> float | None:
 def run(args) -> dict:
     rec = Recorder()
     rec.data["meta"] = meta()
-    if "sless" in args.only:
+    if "sless" in args.only and args.sandbox_runs:
         rec.data["sandbox_start"] = rec.attempt("sandbox start", lambda: sandbox_start(args.sandbox_runs))
     rec.data["submit_rate"] = submit_rate(rec, args)
     for function in args.functions:
@@ -883,7 +883,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-jobs", type=int, default=10000, help="jobs of the long sless drain; 0 skips it")
     parser.add_argument("--long-workers", type=int, default=2, help="workers for the long drain")
     parser.add_argument("--stage-runs", type=int, default=50, help="jobs for the stage breakdown; 0 skips it")
-    parser.add_argument("--sandbox-runs", type=int, default=30, help="runs per sandbox start-up measure")
+    parser.add_argument("--sandbox-runs", type=int, default=30, help="runs per sandbox start-up measure; 0 skips it")
     parser.add_argument("--only", type=csv_of(str, SYSTEMS), default=list(SYSTEMS), help="systems: A,B,sless")
     parser.add_argument("--functions", type=csv_of(str, tasks.SLESS_CODE), default=list(tasks.SLESS_CODE),
                         help="double,cpu10")

@@ -187,13 +187,13 @@ class JobQueue:
         return IntermediateQueue(self.rq_queue.key, connection=self.connection).key
 
     @redis_call
-    def marker(self, key: str) -> bytes:
-        """The value of a marker key, set now if Redis does not have it (recovery.redis_forgot)."""
+    def marker(self, key: str) -> tuple[bytes, bool]:
+        """The value of a marker key, and whether it was missing (then set now; recovery.redis_forgot)."""
         value = self.connection.get(key)
-        if value is None:
-            self.connection.set(key, uuid.uuid4().hex, nx=True)
-            value = self.connection.get(key)
-        return value
+        if value is not None:
+            return value, False
+        self.connection.set(key, uuid.uuid4().hex, nx=True)
+        return self.connection.get(key), True
 
     @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:

@@ -80,10 +80,11 @@ class Recovery:
         """Whether Redis lost its data since the last look (a restart without persistence).
 
         A marker key is kept in Redis; when it is gone, or another sweeper replaced it
-        after finding it gone, Redis forgot what it held, messages included.
+        after finding it gone, Redis forgot what it held, messages included. A sweeper
+        that starts and finds it in place has nothing to catch up on.
         """
-        marker = self.lifecycle.queue.marker(MARKER_KEY)
-        forgot = marker != self.marker_seen
+        marker, missing = self.lifecycle.queue.marker(MARKER_KEY)
+        forgot = missing or (self.marker_seen is not None and marker != self.marker_seen)
         self.marker_seen = marker
         return forgot
 

@@ -46,7 +46,7 @@ class Recovery:
         """Run the repairs once; returns how many jobs each one touched.
 
         Leases and retries live in small collections and are checked every time.
-        Every `orphan_scan_interval_s` the messages workers took and never handled, or
+        Every `orphan_scan_interval_s` (5 s) the messages workers took and never handled, or
         left in RQ's intermediate list, are looked at (a set in Redis: cheap however
         many jobs are stored). The full orphan scan reads every job and event (2.7 s
         with 10,000 jobs on FerretDB), so it runs at start, as soon as Redis shows it

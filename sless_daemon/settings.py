@@ -65,7 +65,7 @@ class Settings:
     lease_s: float = _setting(10.0, 1, 3600, doc="a running attempt's lease; its worker renews it every fifth of it")
     sweep_interval_s: float = _setting(1.0, 0.1, 3600, doc="how often pools and daemons look for lost attempts and due retries")
     orphan_grace_s: float = _setting(5.0, 0.5, 3600, doc="how long a waiting job may be missing from Redis before it is enqueued again")
-    orphan_scan_interval_s: float = _setting(60.0, 1, 86400, doc="how often messages taken but never claimed are looked for")
+    orphan_scan_interval_s: float = _setting(5.0, 1, 86400, doc="how often messages taken but never claimed are looked for (two Redis reads)")
     orphan_full_scan_interval_s: float = _setting(3600.0, 1, 7 * 86400, doc="how often every waiting job is checked against Redis when Redis kept its data")
     shutdown_grace_s: float = _setting(30.0, 0, 3600, doc="how long stopping workers may finish running jobs")
     autoscale_jobs_per_worker: int = _setting(20, 1, 100000, doc="autoscaling: queued jobs per worker it aims for")

@@ -177,9 +177,12 @@ class JobQueue:
         return [message for message, status in zip(ids, statuses) if status in (None, b"queued")]
 
     @redis_call
-    def forget_taken(self, message_ids: list[str]) -> None:
-        if message_ids:
-            self.connection.zrem(self.taken_key, *message_ids)
+    def forget_stuck(self, message: str) -> None:
+        """Stop tracking a taken or parked message (the sweep looked at it)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.taken_key, message)
+            pipe.lrem(self.intermediate_key, 0, message)
+            pipe.execute()
 
     @property
     def intermediate_key(self) -> str:

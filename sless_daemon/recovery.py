@@ -136,7 +136,7 @@ class Recovery:
         for message in queue.taken_before(time.time() - settings.lease_s) + queue.parked():
             named = attempt_of(message)
             job = self.store.get(named[0]) if named else None
-            queue.forget_taken([message])  # before a resend: a worker taking it again notes it anew
+            queue.forget_stuck(message)  # before a resend: a worker taking it again notes it anew
             waiting = (job is not None and job["state"] == JobState.SUBMITTED.value and job["attempts"] == named[1]
                        and (job["retry_at"] is None or job["retry_at"] <= utcnow()))
             if waiting and self.store.claimed_by(job["_id"], job["attempts"] + 1) == CANCEL_FENCE:

@@ -372,3 +372,19 @@ def test_a_handled_message_leaves_the_taken_set(lifecycle):
     assert len(handled) == 1 and len(lifecycle.queue.taken_before(float("inf"))) == 1
     consumer.take_one()  # the next take (the queue is empty: it waits a second) marks the last finished
     assert lifecycle.queue.taken_before(float("inf")) == []
+
+
+def test_a_parked_message_is_sent_again_once_and_then_left_alone(lifecycle):
+    """A worker that died between its blocking pop and TAKE leaves the id in RQ's intermediate
+    list: the cheap check sends it again, and clears the list so it is not looked at again."""
+    from sless_daemon.recovery import Recovery
+
+    queue = lifecycle.queue
+    job_id = lifecycle.accept(SPEC)
+    queue.connection.lmove(queue.rq_queue.key, queue.intermediate_key, "LEFT", "RIGHT")  # popped, never taken over
+    assert queue.parked() == [message_id(job_id, 0)]
+    recovery = Recovery(other_worker(lifecycle, "sweeper"))
+    recovery.redis_forgot()
+    assert recovery.requeue_stuck_messages() == 1
+    assert queue.depth() == 1 and queue.parked() == []
+    assert recovery.requeue_stuck_messages() == 0

@@ -79,7 +79,7 @@ def main() -> None:
     print("| operation | caller CPU ms | FerretDB CPU ms | wall ms |")
     print("|---|---|---|---|")
     try:
-        measure("submit: insert the job (`jobs.insert_many` of one)", lambda i: jobs.append(store.insert(ids[i], spec, now)), runs)
+        measure("submit: insert the job (`jobs.insert_many` of one)", lambda i: jobs.extend(store.insert_many([(ids[i], spec)], now)), runs)
         measure("submit: enqueue (RQ `enqueue_many` of one)", lambda i: queue.enqueue(jobs[i], 0), runs)
         measure("worker: take a message (`TAKE`, one round trip)", lambda i: consumer.take_one(), runs)
         measure("worker: claim (lease + claim event inserts)",

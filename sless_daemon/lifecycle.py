@@ -93,8 +93,8 @@ class Lifecycle:
         return self.accept_many([spec], stages)[0]["_id"]
 
     def accept_many(self, specs: list[JobSpec], stages: dict | None = None) -> list[dict]:
-        """Record then enqueue new jobs, with one insert and one Redis round trip for all; on
-        any failure none of them is left behind. Returns the recorded documents.
+        """Record then enqueue new jobs, with one insert and one Redis round trip for all; if
+        the enqueue fails, the records are withdrawn. Returns the recorded documents.
 
         Raises DependencyDown naming MongoDB or Redis. The records go first so a
         worker never runs a job MongoDB does not know. `stages` receives the seconds

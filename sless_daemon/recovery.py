@@ -112,19 +112,7 @@ class Recovery:
         for index in lost:
             seen = waiting[index]
             job = self.store.get(seen["_id"])  # now, and with its code and input for the message
-            if job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != seen["attempts"]:
-                continue  # it moved on since the scan: a worker took the message meanwhile
-            if self.store.claimed_by(job["_id"], job["attempts"] + 1) == CANCEL_FENCE:
-                self.lifecycle.cancel_before_start(job)  # a cancel that stopped halfway: finish it
-                continue
-            try:
-                self.lifecycle.queue.resend(job, job["attempts"])
-            except KeyError as e:  # one unreadable record must not stop the recovery of the others
-                log.error("job %s cannot be sent again: its record has no %s", job["_id"], e)
-                continue
-            log.warning("job %s was waiting but Redis had no message for it; enqueued again", job["_id"],
-                        extra={"job_id": job["_id"]})
-            count += 1
+            count += self.send_again(job, seen["attempts"], "was waiting but Redis had no message for it")
         return count
 
     def requeue_stuck_messages(self) -> int:
@@ -137,16 +125,26 @@ class Recovery:
             named = attempt_of(message)
             job = self.store.get(named[0]) if named else None
             queue.forget_stuck(message)  # before a resend: a worker taking it again notes it anew
-            waiting = (job is not None and job["state"] == JobState.SUBMITTED.value and job["attempts"] == named[1]
-                       and (job["retry_at"] is None or job["retry_at"] <= utcnow()))
-            if waiting and self.store.claimed_by(job["_id"], job["attempts"] + 1) == CANCEL_FENCE:
-                self.lifecycle.cancel_before_start(job)
-            elif waiting:
-                queue.resend(job, job["attempts"])
-                log.warning("job %s: its message was taken by a worker that never claimed it; sent again",
-                            job["_id"], extra={"job_id": job["_id"]})
-                count += 1
+            if job is not None:
+                count += self.send_again(job, named[1], "had its message taken by a worker that never claimed it")
         return count
+
+    def send_again(self, job: dict | None, attempts: int, why: str) -> bool:
+        """Enqueue the attempt after `attempts` again if the job still waits for it (as of `job`,
+        read now); a cancel that stopped halfway is finished instead. True if sent."""
+        if (job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempts
+                or (job["retry_at"] is not None and job["retry_at"] > utcnow())):
+            return False  # it moved on since it was seen: a worker took the message meanwhile
+        if self.store.claimed_by(job["_id"], attempts + 1) == CANCEL_FENCE:
+            self.lifecycle.cancel_before_start(job)
+            return False
+        try:
+            self.lifecycle.queue.resend(job, attempts)
+        except KeyError as e:  # one unreadable record must not stop the recovery of the others
+            log.error("job %s cannot be sent again: its record has no %s", job["_id"], e)
+            return False
+        log.warning("job %s %s; enqueued again", job["_id"], why, extra={"job_id": job["_id"]})
+        return True
 
     def run_in_background(self, interval_s: float, stop: threading.Event) -> threading.Thread:
         """Sweep now and then every `interval_s` until `stop` is set (the daemon's way)."""

@@ -153,10 +153,6 @@ class OutcomeStore:
         self.jobs.insert_many([dict(job) for job in documents])  # copies: pymongo adds nothing to ours
         return documents
 
-    def insert(self, job_id: str, spec: JobSpec, now: datetime) -> dict:
-        """Record a new job, before it is enqueued; returns the document."""
-        return self.insert_many([(job_id, spec)], now)[0]
-
     @mongo_call
     def get(self, job_id: str) -> dict | None:
         """The job as of now (see `derive`), or None for an unknown id.

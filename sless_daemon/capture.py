@@ -61,13 +61,17 @@ class Capture:
         self.flood_bytes = flood_bytes
 
     def pump(self, pipes, exit_fd: int, request: bytes, deadline: float, watch: Watch | None = None) -> str:
-        """Move bytes until every pipe closes, the deadline passes, output floods or the
-        attempt is cancelled.
+        """Move bytes until every pipe closes and the attempt has ended or sent its whole
+        report, the deadline passes, output floods or the attempt is cancelled.
 
         `pipes` are the worker's ends (jobhost.AttemptPipes); `exit_fd` becomes readable
         when the attempt's process tree has ended; `watch` (optional) gets the output as
         it comes and says when the attempt is cancelled. Returns why it stopped:
         "exited", "timeout", "output_limit" or "cancelled". The pipes are closed on return.
+        Once a report has come whole and the output pipes closed, it does not wait for
+        `exit_fd`: the outcome is known, and the caller reads the exit status later
+        (executor.Executor.collect_ended), while the attempt's processes are torn down.
+        Without a report the status decides the outcome, so it waits for it.
         """
         selector = selectors.DefaultSelector()
         watch = watch or Watch()
@@ -89,6 +93,8 @@ class Capture:
                 if not exited and watch.cancelled():
                     return "cancelled"
                 for key, _ in selector.select(min(remaining, watch.interval_s)):
+                    if key.fd not in selector.get_map():
+                        continue  # unregistered by an earlier event of this batch (the report's end)
                     if key.fd == exit_fd:
                         selector.unregister(exit_fd)
                         exited = True
@@ -102,6 +108,8 @@ class Capture:
                         if key.fd == pipes.report and pipes.report not in selector.get_map():
                             exited = True  # the report is complete: what is left gets a moment, then dies
                             deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
+                            if self.report_buffer.total and exit_fd in selector.get_map():
+                                selector.unregister(exit_fd)  # it reported: the status is read later
                 if self.output_bytes > self.flood_bytes:
                     return "output_limit"
             return "exited"

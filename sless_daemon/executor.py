@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .capture import Capture, Watch
+from .capture import EXIT_DRAIN_S, Capture, Watch
 from .errors import SandboxUnavailable
 from .jobhost import REAP_TIMEOUT_S, AttemptPipes, JobHost
 from .limits import Limits, default_limits
@@ -73,6 +73,7 @@ class Executor:
         self.reap_orphans = reap_orphans
         self.host: JobHost | None = None
         self.spare: Ordered | None = None
+        self.ended: Ordered | None = None  # its report came before its exit status (collect_ended)
         self.default_limits = default_limits(settings)
 
     def run(self, spec: JobSpec, context: dict | None = None, watch: Watch | None = None) -> AttemptOutcome:
@@ -85,21 +86,27 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         timings = {"sandbox_asked_at": time.time()}
+        self.collect_ended()
         ordered = self._take_spare(spec.limits) or self._order(spec.limits)
         try:
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
             ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
                                     deadline=started + spec.timeout_s, watch=watch)
-            status, breaches = ordered.host.end()
+            report = capture.report()
+            if ended_by == "exited" and report is not None:  # the report decides (classify): no status needed
+                status, breaches = 0, frozenset()
+                self.ended = ordered
+            else:
+                status, breaches = ordered.host.end()
         except BaseException:
             ordered.host.stop()  # its status is unread: it must not be taken for the next attempt's
             raise
         finally:
-            self._clean_up(ordered)
+            if self.ended is not ordered:
+                self._clean_up(ordered)
         duration_s = time.monotonic() - started
         stderr = capture.stderr.text()
-        report = capture.report()
         error, result = classify(spec, self.settings, Ending(ended_by, -signal.SIGKILL if status is None else status,
                                                              duration_s, breaches), report, stderr)
         timings.update(_code_times(report), sandbox_start_ms=ordered.start_ms)
@@ -108,6 +115,7 @@ class Executor:
     def prepare(self) -> None:
         """Have a fork server running and, unless SLESS_PREWARM_SANDBOX=0, the next attempt's
         sandbox ordered, so the next job need not wait for either (called while idle)."""
+        self.collect_ended()
         if not self.settings.prewarm_sandbox:
             self._ready_host()
         elif self.spare is None:
@@ -121,8 +129,26 @@ class Executor:
             reason = (outcome.error or {}).get("message", "") + " " + outcome.stderr.strip()[-300:]
             raise SandboxUnavailable(f"an attempt cannot run in the sandbox: {reason.strip()}")
 
+    def collect_ended(self) -> None:
+        """Read the exit status of the attempt that sent its report before it ended.
+
+        `run` returns its outcome without waiting (the report decides it); its processes
+        are torn down meanwhile. The fork server sends the status once the attempt's whole
+        process tree is gone and takes no order before, so nothing of one attempt is left
+        when the next starts. One that does not end within EXIT_DRAIN_S of its report is
+        killed with its sandbox, as when the report came last (capture.Capture.pump).
+        """
+        ended, self.ended = self.ended, None
+        if ended is None:
+            return
+        try:
+            ended.host.end(wait_s=EXIT_DRAIN_S)
+        finally:
+            self._clean_up(ended)
+
     def close(self) -> None:
         """Stop the fork server, if any (the worker is stopping)."""
+        self.collect_ended()
         self._drop_spare()
         host, self.host = self.host, None
         if host:
@@ -164,6 +190,7 @@ class Executor:
 
     def _order(self, limits: Limits) -> Ordered:
         """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone."""
+        self.collect_ended()
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         started = time.perf_counter()
         try:

@@ -131,16 +131,24 @@ class Lifecycle:
     def start(self, message: dict) -> dict | None:
         """Claim the attempt a queue message carries for this worker.
 
-        Returns the job as the attempt sees it (`_id`, `attempts` counting this attempt,
-        code, limits, retries...), or None when that attempt was taken before (a
-        duplicate message). The attempt number fences every later write of the attempt.
+        Returns the job as the attempt sees it (`attempt_of`), or None when that attempt
+        was taken before (a duplicate message).
         """
-        now = utcnow()
-        job_id, attempt = message["job_id"], message["attempt"]
-        if not self.store.claim(job_id, attempt, self.owner, now, now + timedelta(seconds=self.settings.lease_s)):
-            return None
+        job = self.attempt_of(message)
+        return job if self.claim(job) else None
+
+    @staticmethod
+    def attempt_of(message: dict) -> dict:
+        """The job as the attempt a queue message carries sees it: `_id`, `attempts` counting
+        this attempt, code, limits, retries..., and `started_at` (now). Not yet claimed."""
         job = {k: v for k, v in message.items() if k not in ("job_id", "attempt", "enqueued_at")}
-        return {**job, "_id": job_id, "attempts": attempt, "started_at": now}
+        return {**job, "_id": message["job_id"], "attempts": message["attempt"], "started_at": utcnow()}
+
+    def claim(self, job: dict) -> bool:
+        """Take the attempt for this worker; False if it was taken before (a duplicate
+        message). The attempt number fences every later write of the attempt."""
+        until = job["started_at"] + timedelta(seconds=self.settings.lease_s)
+        return self.store.claim(job["_id"], job["attempts"], self.owner, job["started_at"], until)
 
     def renew(self, job: dict) -> None:
         """Extend the running attempt's lease (the worker's heartbeat)."""

@@ -130,6 +130,7 @@ def run_request(max_result_bytes: int) -> None:
     """Read the request, run the code, write the report, and end the attempt's process."""
     # Bound before user code runs, so code that breaks builtins or imports cannot stop the report.
     write, exit_now, now, flush_out, flush_err = os.write, os._exit, time.time, sys.stdout.flush, sys.stderr.flush
+    close_pipes = os.closerange
     request = json.loads(_read_all(0))
     _detach_stdin()
     gc.unfreeze()
@@ -141,6 +142,7 @@ def run_request(max_result_bytes: int) -> None:
     data = report.encode()
     while data:
         data = data[write(REPORT_FD, data):]
+    close_pipes(1, REPORT_FD + 1)  # the worker sees the end now, not after the kernel unmaps this process
     exit_now(0)  # the function is done: threads or handlers it left behind do not hold the attempt open
 
 

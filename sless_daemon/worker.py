@@ -9,6 +9,7 @@ there) with `--name NAME`; settings come from `SLESS_*` variables.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import queue
@@ -57,7 +58,17 @@ def spec_from_job(job: dict) -> JobSpec:
 
 
 class AttemptRunner:
-    """Claims, executes and records one attempt at a time."""
+    """Claims, executes and records one attempt at a time.
+
+    The claim (two MongoDB inserts, about 2 ms) is written from a thread of its own
+    while the attempt already runs, off the path from message to outcome. That is safe
+    because nothing an attempt does is seen outside its sandbox (no network, a private
+    filesystem, nothing shared with the next attempt) until this worker publishes it,
+    and the worker publishes nothing of it (output, "running", outcome) before its claim
+    stands. An attempt whose claim fails (a duplicate message, or MongoDB refusing) is
+    stopped at its next check (AttemptWatch.interval_s) and its outcome discarded, as
+    if it had never run.
+    """
 
     def __init__(self, lifecycle: Lifecycle, executor: Executor, worker_name: str):
         self.lifecycle = lifecycle
@@ -65,27 +76,37 @@ class AttemptRunner:
         self.worker_name = worker_name
         self.leases = LeaseKeeper(lifecycle)
         self.recorder = Recorder(self)
+        self.claims = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="claim")
 
     def run(self, message: dict) -> None:
         timings = {"enqueued_at": message.get("enqueued_at"), "dequeued_at": time.time()}
-        job_id = message["job_id"]
-        job = self.lifecycle.start(message)
-        if job is None:
-            log.info("job %s: attempt %d was taken before (a duplicate message); skipped", job_id,
-                     message["attempt"], extra={"job_id": job_id})
-            return
-        timings["claimed_at"] = time.time()
-        fields = {"job_id": job_id, "attempt": job["attempts"], "worker": self.worker_name}
+        job = self.lifecycle.attempt_of(message)
         spec = spec_from_job(job)
-        log.info("job %s started, attempt %d/%d, input %s", job_id, job["attempts"], spec.max_attempts,
-                 summarize(spec.input), extra=fields)
-        context = {"job_id": job_id, "attempt": job["attempts"], "max_attempts": spec.max_attempts,
+        fields = {"job_id": job["_id"], "attempt": job["attempts"], "worker": self.worker_name}
+        claim = self.claims.submit(self.claim, job, spec, timings, fields)
+        context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
+        watch = AttemptWatch(self.lifecycle, job["_id"], job["attempts"], self.worker_name, claim)
+        try:
+            outcome = self.execute(spec, context, watch)
+            if not claim.result():  # MongoDB refusing raises: the consumer leaves the message to the sweep
+                log.info("job %s: attempt %d was taken before (a duplicate message); its run here is discarded",
+                         job["_id"], job["attempts"], extra=fields)
+                return
+            watch.done()  # what it held back while the claim was being written
+            self.recorder.submit(Finished(job, outcome, timings, fields))
+        finally:
+            self.executor.prepare()
+
+    def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict) -> bool:
+        """Claim the attempt (in the claimer thread); once it stands, renew its lease."""
+        if not self.lifecycle.claim(job):
+            return False
+        timings["claimed_at"] = time.time()
         self.leases.hold(job)
-        watch = AttemptWatch(self.lifecycle, job_id, job["attempts"], self.worker_name)
-        outcome = self.execute(spec, context, watch)
-        self.recorder.submit(Finished(job, outcome, timings, fields))
-        self.executor.prepare()
+        log.info("job %s started, attempt %d/%d, input %s", job["_id"], job["attempts"], spec.max_attempts,
+                 summarize(spec.input), extra=fields)
+        return True
 
     def execute(self, spec: JobSpec, context: dict, watch: Watch) -> AttemptOutcome:
         """Run the attempt; a fault of the executor itself fails the attempt, not the worker."""
@@ -234,30 +255,40 @@ class AttemptWatch(Watch):
     """Tells the job's feed that the attempt runs and what it writes; asks Redis, every
     `interval_s` once the attempt has run that long, whether it was cancelled.
 
-    The "running" entry goes out with the first output or at the first cancel check, so a
-    job of a few milliseconds that prints nothing costs no Redis call here at all (its
-    end is announced with the settle). Redis being away never stops the attempt: its
-    feed is incomplete and a cancel waits.
+    Nothing is told before the attempt's claim stands (`claim`, see AttemptRunner): until
+    then output is held, and a failed claim stops the attempt. The "running" entry goes
+    out with the first output or at the first cancel check, so a job of a few
+    milliseconds that prints nothing costs no Redis call here at all (its end is
+    announced with the settle). Redis being away never stops the attempt: its feed is
+    incomplete and a cancel waits.
     """
 
     interval_s = 0.25
 
-    def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str):
+    def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str,
+                 claim: concurrent.futures.Future):
         self.queue = lifecycle.queue
         self.feed = lifecycle.feed
         self.job_id = job_id
         self.attempt = attempt
         self.worker = worker
+        self.claim = claim
         self.output_feed = OutputFeed(lifecycle.feed, job_id, attempt)
         self.next_check = time.monotonic() + self.interval_s
         self.told = False
 
+    def claimed(self) -> bool:
+        return self.claim.done() and self.claim.exception() is None and self.claim.result()
+
     def output(self, stream: str, data: bytes) -> None:
-        self.tell_running()
         self.output_feed.add(stream, data)
-        self.output_feed.flush()
+        if self.claimed():
+            self.tell_running()
+            self.output_feed.flush()
 
     def cancelled(self) -> bool:
+        if not self.claimed():
+            return self.claim.done()  # taken before, or not written: this run will be discarded
         self.output_feed.flush()  # what a quiet job wrote last still goes out within a flush period
         now = time.monotonic()
         if now < self.next_check:
@@ -271,6 +302,12 @@ class AttemptWatch(Watch):
             return False
 
     def done(self) -> None:
+        """Publish what is left once the claim stands (called at the pipes' end, and again
+        by the runner after the claim, for an attempt that ended before it)."""
+        if not self.claimed():
+            return
+        if self.output_feed.pending:
+            self.tell_running()
         self.output_feed.flush(final=True)
 
     def tell_running(self) -> None:

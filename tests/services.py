@@ -82,7 +82,8 @@ class PrivateFerretDB(PrivateService):
         return f"mongodb://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [FERRETDB, "--handler=sqlite", f"--sqlite-url=file:{self.workdir}/", f"--listen-addr=127.0.0.1:{self.port}",
+        return [FERRETDB, "--handler=sqlite", f"--sqlite-url=file:{self.workdir}/?_pragma=synchronous(normal)",
+                f"--listen-addr=127.0.0.1:{self.port}",
                 "--telemetry=disable", "--debug-addr=-", f"--state-dir={self.workdir}", "--log-level=error"]
 
     def wipe(self) -> None:

@@ -129,7 +129,8 @@ def hosts(logs_dir):
         svc = made.addresses["svc"]
         made.start("redis", "svc", "redis-server", "--bind", svc, "--port", "6379", "--save", "", "--appendonly", "no",
                    "--protected-mode", "no")  # reachable only on the test bridge
-        made.start("ferretdb", "svc", str(FERRETDB), "--handler=sqlite", f"--sqlite-url=file:{made.state}/",
+        made.start("ferretdb", "svc", str(FERRETDB), "--handler=sqlite",
+                   f"--sqlite-url=file:{made.state}/?_pragma=synchronous(normal)",
                    f"--listen-addr={svc}:27017", "--telemetry=disable", "--debug-addr=-",
                    f"--state-dir={made.state}", "--log-level=warn")
         made.env = {k: v for k, v in os.environ.items() if not k.startswith("SLESS_")}

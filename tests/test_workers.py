@@ -148,3 +148,31 @@ def test_an_idle_worker_holds_no_lease_and_a_busy_one_only_its_own(make_stack):
     running = stack.submit({"code": "import time\ntime.sleep(1.5)\nreturn 1"})
     wait_until(lambda: stack.get(f"/status/{running}").json()["state"] == "running", 10, "the job did not start")
     assert [lease["job_id"] for lease in leases.find({})] == [running]
+
+
+def test_a_duplicate_message_runs_nowhere_visible_and_changes_nothing(make_stack):
+    """A worker runs an attempt while its claim is being written (AttemptRunner): a message
+    for an attempt that already ran fails its claim, and that run publishes nothing (no
+    "running", no output in the feed) and records nothing; the worker says so in its log."""
+    from sless_daemon.queue import JobQueue
+
+    stack = make_stack(workers=1)
+    job_id = stack.submit({"code": "print('once')\nreturn input + 1", "input": 6})
+    before = stack.wait_terminal(job_id)
+    assert before["state"] == "completed" and before["result"] == 7 and before["stdout"] == "once\n"
+    feed = []
+
+    def feed_has_the_end() -> bool:  # the settle is announced to the feed just after it is recorded
+        feed[:] = stack.get(f"/events/{job_id}", params={"wait_s": 0}).json()["events"]
+        return any(entry.get("state") == "completed" for entry in feed)
+
+    wait_until(feed_has_the_end, 5, "the feed did not get the job's end")
+    stored = stack.mongo_jobs().find_one({"_id": job_id})
+    JobQueue(stack.redis(), stack.queue_name).resend(stored, 0)  # attempt 1 again
+    wait_until(lambda: f"job {job_id}: attempt 1 was taken before" in stack.log("pool"), 10,
+               "the worker did not take the duplicate message")
+    assert stack.get(f"/events/{job_id}", params={"wait_s": 0}).json()["events"] == feed
+    after = stack.get(f"/status/{job_id}").json()
+    assert {k: after[k] for k in ("state", "result", "attempts", "stdout", "finished_at")} == \
+           {k: before[k] for k in ("state", "result", "attempts", "stdout", "finished_at")}
+    assert stack.mongo_jobs().database["events"].count_documents({"job_id": job_id}) == 2  # its claim, its settle

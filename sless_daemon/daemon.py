@@ -1,14 +1,26 @@
-"""Starts the HTTP daemon on waitress, a production threaded WSGI server."""
+"""Starts the HTTP daemon on Granian, a production WSGI server: HTTP/1.1 in Rust (hyper),
+the app in a pool of Python threads.
+
+Chosen over waitress (the prototype's server) because its HTTP handling costs the
+daemon's one Python process much less CPU per request: 0.56-0.59 ms against 0.81-1.09 ms
+of daemon CPU per submit, measured with `bench/compare.py`'s 8 submit clients
+(BENCHMARKS.md, session 5). Granian runs the app in a worker process it starts and
+supervises; `make_wsgi_app` builds it there, with the settings this process was given.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 
-import waitress
+from granian.constants import HTTPModes, Interfaces
+from granian.server import Server
 
 from .app import make_app
 from .errors import DependencyDown
@@ -23,9 +35,7 @@ from .store import OutcomeStore, connect_mongo
 log = logging.getLogger("sless.daemon")
 
 INDEX_RETRY_S = 5.0
-# waitress refuses bodies past this before our app sees them, with its own plain 413;
-# between max_body_bytes and this, the app answers with a JSON 413.
-WAITRESS_BODY_FACTOR = 4
+PR_SET_PDEATHSIG = 1
 
 
 def build_app(settings: Settings):
@@ -55,14 +65,29 @@ def ensure_indexes_soon(store: OutcomeStore) -> None:
     threading.Thread(target=attempt, name="ensure-indexes", daemon=True).start()
 
 
-def serve(settings: Settings) -> None:
-    """Serve the API until interrupted."""
+def make_wsgi_app(settings: Settings, parent_pid: int):
+    """In Granian's worker process: the app, its index creation and its recovery sweep.
+
+    The worker dies with the `sless daemon` process that started it (SIGKILL included),
+    so a restarted daemon never finds the port held by an orphan.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the daemon died before the line above
     configure_logging(settings.log_format, settings.log_level, "daemon")
     app, lifecycle = build_app(settings)
     ensure_indexes_soon(lifecycle.store)
     Recovery(lifecycle).run_in_background(settings.sweep_interval_s, threading.Event())
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Serve the API until interrupted (SIGTERM or SIGINT: Granian stops its worker gently)."""
+    configure_logging(settings.log_format, settings.log_level, "daemon")
     log.info("sless daemon listening on http://%s:%d (queue %s)", settings.host, settings.port, settings.queue_name)
-    waitress.serve(
-        app, host=settings.host, port=settings.port, threads=settings.daemon_threads, ident="sless",
-        max_request_body_size=settings.max_body_bytes * WAITRESS_BODY_FACTOR, _quiet=True,
+    server = Server(
+        "sless_daemon.daemon:make_wsgi_app", address=settings.host, port=settings.port, interface=Interfaces.WSGI,
+        workers=1, blocking_threads=settings.daemon_threads, http=HTTPModes.http1, websockets=False,
+        log_enabled=False,
     )
+    server.serve(target_loader=functools.partial(make_wsgi_app, settings, os.getpid()), wrap_loader=False)

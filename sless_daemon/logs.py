@@ -38,7 +38,7 @@ def configure_logging(log_format: str = "text", level: str = "INFO", name: str =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("rq", "pymongo", "waitress"):
+    for noisy in ("rq", "pymongo", "granian", "_granian"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

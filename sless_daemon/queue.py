@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 
 import redis
 import rq
-from bson import json_util
+import bson
+from bson.codec_options import CodecOptions
 from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
@@ -28,7 +29,7 @@ from .metrics import count_settled
 SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
 SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody else reads it
 ANNOUNCED_EVENT_MAX_BYTES = 4096
-EVENT_JSON = json_util.JSONOptions(tz_aware=True, tzinfo=timezone.utc)
+EVENT_CODEC = CodecOptions(tz_aware=True, tzinfo=timezone.utc)  # announced events are BSON, as stored
 TAKEN_KEY = "sless:taken:"  # + queue name: a sorted set of messages taken by workers and not yet handled, by time
 CANCEL_KEY = "sless:cancel:"  # + job id: the attempt to cancel (lifecycle.cancel), read by its worker
 CANCEL_TTL_S = 24 * 3600
@@ -120,10 +121,10 @@ class JobQueue:
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for event in events:
-                text = json_util.dumps(event)
-                if len(text) > ANNOUNCED_EVENT_MAX_BYTES:
-                    text = json_util.dumps({k: event[k] for k in ("job_id", "attempt", "state")})
-                pipe.rpush(SETTLED_KEY + event["job_id"], text)
+                data = bson.encode(event)
+                if len(data) > ANNOUNCED_EVENT_MAX_BYTES:
+                    data = bson.encode({k: event[k] for k in ("job_id", "attempt", "state")})
+                pipe.rpush(SETTLED_KEY + event["job_id"], data)
                 pipe.expire(SETTLED_KEY + event["job_id"], SETTLED_TTL_S)
                 feed.append(pipe, event["job_id"], feed.state_entry(event["attempt"], event["state"]))
                 count_settled(pipe, self.name, event)
@@ -133,7 +134,7 @@ class JobQueue:
     def wait_settled(self, job_id: str, timeout_s: float) -> dict | None:
         """Block until an attempt of the job is recorded (its settle event) or `timeout_s` passes."""
         found = self.connection.blpop([SETTLED_KEY + job_id], timeout=max(0.01, timeout_s))
-        return json_util.loads(found[1], json_options=EVENT_JSON) if found else None
+        return bson.decode(found[1], codec_options=EVENT_CODEC) if found else None
 
     @redis_call
     def request_cancel(self, job_id: str, attempt: int) -> None:

@@ -90,7 +90,9 @@ def measures(runs: int) -> dict[str, list[float]]:
     spec = JobSpec(code="return input * 2", input=21, limits=default_limits(settings), retries=0)
     executor = Executor(settings, sandbox, "bench", reap_orphans=True)
     spare, ordered = attempts(executor, spec, "spare", runs), attempts(executor, spec, "ordered", runs)
-    cold = attempts(Executor(settings, sandbox, "bench-cold", reap_orphans=True), spec, "cold", runs)
+    cold_executor = Executor(settings, sandbox, "bench-cold", reap_orphans=True)
+    cold = attempts(cold_executor, spec, "cold", runs)
+    cold_executor.close()
     executor.close()
     return {
         PLAIN: timed(plain_start(sandbox.python), runs),

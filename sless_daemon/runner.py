@@ -85,7 +85,10 @@ def main() -> None:
         for fd in fds:
             os.close(fd)
         _, status = os.waitpid(pid, 0)
-        control.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+        try:
+            control.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+        except OSError:
+            os._exit(0)  # the worker is gone (it may leave an attempt's status unread: collect_ended)
 
 
 def fork_into_new_pid_namespace(own_pid_ns) -> int:

@@ -77,7 +77,7 @@ SANDBOX_PYTHON = "/usr/bin/python3"  # sless's default sandbox interpreter (SLES
 RQ_DONE = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 SYSTEMS = ("A", "B", "sless")
 SYSTEM_NAMES = {"A": "RQ Worker (fork)", "B": "RQ SimpleWorker", "sless": "sless"}
-STAGES = ("HTTP accept", "parse", "MongoDB insert", "enqueue", "dequeue wait", "claim", "sandbox ready",
+STAGES = ("HTTP accept", "parse", "MongoDB insert", "enqueue", "dequeue wait", "claim (beside the attempt)", "sandbox ready",
           "hand-off to code", "user code", "outcome write", "visible", "total seen by client")
 
 
@@ -635,8 +635,8 @@ def job_stages(round_trip_ms: float, server: dict, timings: dict, sent: float, s
         "HTTP accept": round_trip_ms - sum(server_ms) if None not in server_ms else None,
         "parse": server.get("parse"), "MongoDB insert": server.get("insert"), "enqueue": server.get("enqueue"),
         "dequeue wait": span_ms(timings, "enqueued_at", "dequeued_at"),
-        "claim": span_ms(timings, "dequeued_at", "claimed_at"),
-        "sandbox ready": span_ms(timings, "claimed_at", "sandbox_ready_at"),
+        "claim (beside the attempt)": span_ms(timings, "dequeued_at", "claimed_at"),
+        "sandbox ready": span_ms(timings, "dequeued_at", "sandbox_ready_at"),
         "hand-off to code": span_ms(timings, "sandbox_ready_at", "code_started_at"),
         "user code": span_ms(timings, "code_started_at", "code_ended_at"),
         "outcome write": span_ms(timings, "code_ended_at", "recorded_at"),

@@ -36,6 +36,9 @@ log = logging.getLogger("sless.daemon")
 
 INDEX_RETRY_S = 5.0
 PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 5  # on SIGTERM, requests in flight (an /execute or /events still waiting) get this long
+# Granian's own warnings (a worker that died, a forced stop) go to sless's log handler.
+GRANIAN_LOGGING = {"loggers": {"_granian": {"handlers": [], "propagate": True}}}
 
 
 def build_app(settings: Settings):
@@ -82,12 +85,14 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
 
 
 def serve(settings: Settings) -> None:
-    """Serve the API until interrupted (SIGTERM or SIGINT: Granian stops its worker gently)."""
-    configure_logging(settings.log_format, settings.log_level, "daemon")
-    log.info("sless daemon listening on http://%s:%d (queue %s)", settings.host, settings.port, settings.queue_name)
+    """Serve the API until interrupted (SIGTERM or SIGINT: Granian stops its worker, waiting up
+    to STOP_GRACE_S for the requests in flight). A worker that dies is started again."""
     server = Server(
         "sless_daemon.daemon:make_wsgi_app", address=settings.host, port=settings.port, interface=Interfaces.WSGI,
         workers=1, blocking_threads=settings.daemon_threads, http=HTTPModes.http1, websockets=False,
-        log_enabled=False,
+        log_level="warning", log_dictconfig=GRANIAN_LOGGING, respawn_failed_workers=True,
+        workers_kill_timeout=STOP_GRACE_S,
     )
+    configure_logging(settings.log_format, settings.log_level, "daemon")  # after Server(), which configures logging
+    log.info("sless daemon listening on http://%s:%d (queue %s)", settings.host, settings.port, settings.queue_name)
     server.serve(target_loader=functools.partial(make_wsgi_app, settings, os.getpid()), wrap_loader=False)

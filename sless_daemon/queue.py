@@ -26,7 +26,7 @@ from . import feed
 from .errors import redis_call
 from .metrics import count_settled
 
-SETTLED_KEY = "sless:settled:"  # + job id: a list that gets one item per recorded attempt
+SETTLED_KEY = "sless:settled-bson:"  # + job id: a list that gets one BSON item per recorded attempt
 SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody else reads it
 ANNOUNCED_EVENT_MAX_BYTES = 4096
 EVENT_CODEC = CodecOptions(tz_aware=True, tzinfo=timezone.utc)  # announced events are BSON, as stored

@@ -67,7 +67,8 @@ class AttemptRunner:
     and the worker publishes nothing of it (output, "running", outcome) before its claim
     stands. An attempt whose claim fails (a duplicate message, or MongoDB refusing) is
     stopped at its next check (AttemptWatch.interval_s) and its outcome discarded, as
-    if it had never run.
+    if it had never run. Without a sandbox (`--insecure-no-sandbox`) code can reach the
+    world, so there the claim is written first.
     """
 
     def __init__(self, lifecycle: Lifecycle, executor: Executor, worker_name: str):
@@ -81,20 +82,28 @@ class AttemptRunner:
     def run(self, message: dict) -> None:
         timings = {"enqueued_at": message.get("enqueued_at"), "dequeued_at": time.time()}
         job = self.lifecycle.attempt_of(message)
-        spec = spec_from_job(job)
         fields = {"job_id": job["_id"], "attempt": job["attempts"], "worker": self.worker_name}
+        try:
+            spec = spec_from_job(job)
+        except Exception as e:  # noqa: BLE001 - a message this worker cannot read fails its attempt, once
+            self.fail_unreadable(job, e, timings, fields)
+            return
         claim = self.claims.submit(self.claim, job, spec, timings, fields)
+        if self.executor.sandbox is None and not claim.result():  # no sandbox (--insecure): claim first
+            log_duplicate(job, fields)
+            return
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
         watch = AttemptWatch(self.lifecycle, job["_id"], job["attempts"], self.worker_name, claim)
         try:
             outcome = self.execute(spec, context, watch)
             if not claim.result():  # MongoDB refusing raises: the consumer leaves the message to the sweep
-                log.info("job %s: attempt %d was taken before (a duplicate message); its run here is discarded",
-                         job["_id"], job["attempts"], extra=fields)
+                log_duplicate(job, fields)
                 return
-            watch.done()  # what it held back while the claim was being written
-            self.recorder.submit(Finished(job, outcome, timings, fields))
+            try:
+                watch.done()  # what it held back while the claim was being written
+            finally:
+                self.recorder.submit(Finished(job, outcome, timings, fields))  # it holds the lease: always
         finally:
             self.executor.prepare()
 
@@ -103,10 +112,23 @@ class AttemptRunner:
         if not self.lifecycle.claim(job):
             return False
         timings["claimed_at"] = time.time()
-        self.leases.hold(job)
         log.info("job %s started, attempt %d/%d, input %s", job["_id"], job["attempts"], spec.max_attempts,
                  summarize(spec.input), extra=fields)
+        self.leases.hold(job)
         return True
+
+    def fail_unreadable(self, job: dict, error: Exception, timings: dict, fields: dict) -> None:
+        """A message whose job this worker cannot read (a field missing or malformed): its
+        attempt is claimed and failed as crashed, so the job's retries count down instead of
+        the orphan check sending the unclaimed message again and again."""
+        log.error("job %s: attempt %d cannot be read (%s: %s); it fails", job["_id"], job["attempts"],
+                  type(error).__name__, error, extra=fields)
+        if not self.lifecycle.claim(job):
+            log_duplicate(job, fields)
+            return
+        self.leases.hold(job)
+        why = failed(ErrorType.CRASHED, f"The job's message could not be read: {type(error).__name__}: {error}")
+        self.recorder.submit(Finished(job, AttemptOutcome(error=why), timings, fields))
 
     def execute(self, spec: JobSpec, context: dict, watch: Watch) -> AttemptOutcome:
         """Run the attempt; a fault of the executor itself fails the attempt, not the worker."""
@@ -353,6 +375,11 @@ class LeaseKeeper:
                     self.lifecycle.renew(job)
                 except Exception as e:  # noqa: BLE001 - one failed renewal must not end the others'
                     log.warning("job %s: cannot renew the lease (%s)", job["_id"], e)
+
+
+def log_duplicate(job: dict, fields: dict) -> None:
+    log.info("job %s: attempt %d was taken before (a duplicate message); its run here, if any, is discarded",
+             job["_id"], job["attempts"], extra=fields)
 
 
 def log_outcome(job: dict, outcome: AttemptOutcome, decision, fields: dict) -> None:

@@ -6,7 +6,6 @@ import concurrent.futures
 import threading
 import time
 
-import pytest
 
 from sless_daemon.errors import DependencyDown
 from sless_daemon.intake import MAX_GROUP, GroupCommit

@@ -19,7 +19,7 @@ from sless_daemon.errors import BadRequest
 from sless_daemon.executor import AttemptOutcome, failed
 from sless_daemon.lifecycle import Lifecycle, utcnow
 from sless_daemon.limits import resolve
-from sless_daemon.queue import JobQueue, connect_redis, message_id
+from sless_daemon.queue import SETTLED_KEY, JobQueue, connect_redis, message_id
 from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
 from sless_daemon.states import ErrorType, JobState
@@ -324,7 +324,7 @@ def test_a_settle_written_twice_is_announced_once_and_keeps_its_first_outcome(li
     lifecycle.queue.request_cancel(job_id, 1)  # now a fresh decision would differ: cancelled
     again = lifecycle.finish(job, AttemptOutcome(error=error))
     assert again.retry  # the stored outcome (a retry) stands, and its retry is noted
-    assert lifecycle.queue.connection.llen(f"sless:settled:{job_id}") == 1
+    assert lifecycle.queue.connection.llen(SETTLED_KEY + job_id) == 1
     assert lifecycle.store.due_retries(utcnow() + timedelta(seconds=60))[0]["job_id"] == job_id
 
 

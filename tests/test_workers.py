@@ -175,4 +175,39 @@ def test_a_duplicate_message_runs_nowhere_visible_and_changes_nothing(make_stack
     after = stack.get(f"/status/{job_id}").json()
     assert {k: after[k] for k in ("state", "result", "attempts", "stdout", "finished_at")} == \
            {k: before[k] for k in ("state", "result", "attempts", "stdout", "finished_at")}
-    assert stack.mongo_jobs().database["events"].count_documents({"job_id": job_id}) == 2  # its claim, its settle
+    database = stack.mongo_jobs().database
+    assert database["events"].count_documents({"job_id": job_id}) == 2  # its claim, its settle
+    assert database["leases"].count_documents({"job_id": job_id}) == 0  # the duplicate's lease went with its claim
+
+
+def test_without_a_sandbox_a_duplicate_message_does_not_run_at_all(make_stack, tmp_path):
+    """Unsandboxed (--insecure-no-sandbox) code can touch the host, so there the claim is
+    written before the code runs: a duplicate leaves no trace, not even in a file."""
+    from sless_daemon.queue import JobQueue
+
+    stack = make_stack(workers=1, pool_args=("--insecure-no-sandbox",))
+    marks = tmp_path / "runs.txt"
+    job_id = stack.submit({"code": f"open({str(marks)!r}, 'a').write('run\\n')\nreturn 1"})
+    assert stack.wait_terminal(job_id)["state"] == "completed"
+    assert marks.read_text() == "run\n"
+    JobQueue(stack.redis(), stack.queue_name).resend(stack.mongo_jobs().find_one({"_id": job_id}), 0)
+    wait_until(lambda: f"job {job_id}: attempt 1 was taken before" in stack.log("pool"), 10,
+               "the worker did not take the duplicate message")
+    assert marks.read_text() == "run\n"
+
+
+def test_a_message_the_worker_cannot_read_fails_its_attempt_once(make_stack):
+    """A message whose job cannot be read (here its limits are garbled) fails its attempt as
+    crashed, instead of being left unclaimed for the orphan check to send again forever."""
+    from sless_daemon.queue import JobQueue
+
+    stack = make_stack(workers=0)
+    job_id = stack.submit({"code": "return 1", "retries": 0})
+    stack.redis().delete(f"rq:queue:{stack.queue_name}")  # the good message is gone...
+    garbled = {**stack.mongo_jobs().find_one({"_id": job_id}), "limits": {"garbled": True}}
+    JobQueue(stack.redis(), stack.queue_name).resend(garbled, 0)  # ...and a garbled one waits
+    stack.workers = 1
+    stack.start_pool()
+    doc = stack.wait_terminal(job_id, timeout_s=20)
+    assert doc["state"] == "failed" and doc["attempts"] == 1
+    assert doc["error"]["type"] == "crashed" and "could not be read" in doc["error"]["message"]

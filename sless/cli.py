@@ -344,9 +344,14 @@ def daemon(
 ):
     """Run the HTTP daemon in the foreground."""
     from sless_daemon.daemon import serve
+    from sless_daemon.errors import ConfigError
 
-    serve(server_settings(host=host, port=port, redis_url=redis_url, mongo_url=mongo_url,
-                          log_format="json" if as_json else log_format))
+    settings = server_settings(host=host, port=port, redis_url=redis_url, mongo_url=mongo_url,
+                               log_format="json" if as_json else log_format)
+    try:
+        serve(settings)
+    except ConfigError as e:
+        raise CliError(str(e), ExitStatus.CONFIG) from None
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Starts the HTTP daemon on Granian, a production WSGI server: HTTP/1.1 in Rust (hyper),
 the app in a pool of Python threads.
 
-Chosen over waitress (the prototype's server) because its HTTP handling costs the
+Chosen over waitress, which served it before, because its HTTP handling costs the
 daemon's one Python process much less CPU per request: 0.56-0.59 ms against 0.81-1.09 ms
 of daemon CPU per submit, measured with `bench/compare.py`'s 8 submit clients
 (BENCHMARKS.md, session 5). Granian runs the app in a worker process it starts and
@@ -23,7 +23,7 @@ from granian.constants import HTTPModes, Interfaces
 from granian.server import Server
 
 from .app import make_app
-from .errors import DependencyDown
+from .errors import ConfigError, DependencyDown
 from .health import HealthChecker
 from .lifecycle import Lifecycle
 from .logs import configure_logging
@@ -84,9 +84,24 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
     return app
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on. Granian's listener lets any other listener
+    that allows it share the port (SO_REUSEPORT), so a second daemon started by mistake
+    would quietly take half the requests; a probe bound without that option fails instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections do not count
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror} "
+                              "(is another daemon running there?)") from None
+
+
 def serve(settings: Settings) -> None:
     """Serve the API until interrupted (SIGTERM or SIGINT: Granian stops its worker, waiting up
     to STOP_GRACE_S for the requests in flight). A worker that dies is started again."""
+    ensure_port_free(settings.host, settings.port)
     server = Server(
         "sless_daemon.daemon:make_wsgi_app", address=settings.host, port=settings.port, interface=Interfaces.WSGI,
         workers=1, blocking_threads=settings.daemon_threads, http=HTTPModes.http1, websockets=False,

@@ -139,6 +139,15 @@ def test_bad_setting_is_a_sentence_and_exit_9(stack):
     assert "SLESS_DEFAULT_TIMEOUT_S='soon' is not a valid float" in done.stderr
 
 
+def test_a_second_daemon_on_a_taken_port_exits_9_instead_of_sharing_it(stack):
+    """The HTTP server would share a port with another listener that allows it; the daemon
+    refuses a port that is taken, with one sentence."""
+    result = stack.cli("daemon", "--port", str(stack.port), timeout=30)
+    assert result.returncode == 9, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{stack.port}" in result.stderr and "Traceback" not in result.stderr
+    assert stack.get("/").status_code == 200  # the first one still serves
+
+
 def test_up_runs_daemon_and_workers_and_ctrl_c_stops_all(logs_dir):
     import os
     import signal

@@ -10,7 +10,6 @@ supervises; `make_wsgi_app` builds it there, with the settings this process was 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -25,6 +24,7 @@ from granian.server import Server
 from .app import make_app
 from .errors import ConfigError, DependencyDown
 from .health import HealthChecker
+from .jobhost import die_with_parent
 from .lifecycle import Lifecycle
 from .logs import configure_logging
 from .queue import JobQueue, connect_redis
@@ -35,7 +35,6 @@ from .store import OutcomeStore, connect_mongo
 log = logging.getLogger("sless.daemon")
 
 INDEX_RETRY_S = 5.0
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 5  # on SIGTERM, requests in flight (an /execute or /events still waiting) get this long
 # Granian's own warnings (a worker that died, a forced stop) go to sless's log handler.
 GRANIAN_LOGGING = {"loggers": {"_granian": {"handlers": [], "propagate": True}}}
@@ -74,7 +73,7 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
     The worker dies with the `sless daemon` process that started it (SIGKILL included),
     so a restarted daemon never finds the port held by an orphan.
     """
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)  # the daemon died before the line above
     configure_logging(settings.log_format, settings.log_level, "daemon")

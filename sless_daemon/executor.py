@@ -86,7 +86,6 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         timings = {"sandbox_asked_at": time.time()}
-        self.collect_ended()
         ordered = self._take_spare(spec.limits) or self._order(spec.limits)
         try:
             timings["sandbox_ready_at"] = time.time()
@@ -130,7 +129,8 @@ class Executor:
             raise SandboxUnavailable(f"an attempt cannot run in the sandbox: {reason.strip()}")
 
     def collect_ended(self) -> None:
-        """Read the exit status of the attempt that sent its report before it ended.
+        """Read the exit status of the attempt that sent its report before it ended (before
+        every order, `_order`; a spare is only ever ordered after it).
 
         `run` returns its outcome without waiting (the report decides it); its processes
         are torn down meanwhile. The fork server sends the status once the attempt's whole

@@ -287,6 +287,12 @@ def _data_fd(data: bytes) -> int:
     return read_end
 
 
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies (cleared by a uid
+    change, kept across exec), so nothing it runs outlives whoever supervises it."""
+    _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
 def _spawn(command, pass_fds, cwd, env, limits, cgroup: JobCgroup | None, uid: int | None):
     """Start the server in its own session: cgroup, rlimits, unprivileged uid, dies with us."""
 
@@ -296,7 +302,7 @@ def _spawn(command, pass_fds, cwd, env, limits, cgroup: JobCgroup | None, uid: i
         for which, value in limits.items():
             resource.setrlimit(which, value)
         drop_privileges(uid)
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after the uid change, which clears it
+        die_with_parent(signal.SIGKILL)  # after the uid change, which clears it
 
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=pass_fds, cwd=cwd, env=env,
                             start_new_session=True, preexec_fn=prepare_child)

@@ -7,7 +7,6 @@ the running job). A second signal would make RQ stop cold, cutting the job short
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from .autoscale import Autoscaler, Policy, QueueView
+from .jobhost import die_with_parent
 from .errors import DependencyDown
 from .lifecycle import Lifecycle
 from .queue import JobQueue, connect_redis
@@ -32,7 +32,6 @@ log = logging.getLogger("sless.pool")
 # Not `-m sless_daemon.worker`: that would run the module as __main__, beside a second
 # copy as `sless_daemon.worker` once anything imports it by name.
 WORKER_ENTRY = "from sless_daemon.worker import main; main()"
-PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 FAST_CRASH_S = 2.0  # a worker that dies sooner than this after start is crash-looping
 MAX_RESPAWN_DELAY_S = 10.0
@@ -206,7 +205,7 @@ class WorkerPool:
 
 def _stop_with_parent() -> None:
     """In the child before exec: a warm SIGTERM when the pool dies, so no worker is orphaned."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent(signal.SIGTERM)
 
 
 def _kill_group(pgid: int) -> None:

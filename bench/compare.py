@@ -11,7 +11,9 @@ at W = 1, 2 and 4 workers:
 
 Measured: throughput draining --jobs queued jobs (from the jobs' own start and end
 times, so process start-up is left out; the wall time from starting the workers is
-kept too); latency of --latency-runs sequential submit-and-wait calls; `POST /submit`
+kept too), --rounds times per system in alternating order; latency of --latency-runs
+sequential submit-and-wait calls, every system up at once and called in turns (these
+machines change speed within minutes: measure_throughput); `POST /submit`
 from 8 client processes next to `Queue.enqueue` from one; RSS per worker and per warm
 sandbox; a --long-jobs drain cut into 1,000-job slices; the stages of one job; sandbox
 start-up (bench/sandbox_start.py's measures). Markdown on stdout, progress on stderr,
@@ -37,6 +39,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -69,6 +72,7 @@ WARMUP_CALLS = 3  # latency calls made first and not counted, on every system al
 RQ_POLL_S = 0.02  # registry counts are O(1) in Redis
 SLESS_POLL_S = 0.5  # a count in FerretDB scans the jobs
 LATENCY_POLL_S = 0.0005
+LATENCY_BLOCK = 10  # latency calls to one system before the next system's turn
 STAGE_POLL_S = 0.001
 STALL_S = 120.0  # no job finished for this long: the measurement fails
 TERMINAL = ("completed", "failed")
@@ -324,20 +328,6 @@ def rq_call(queue: rq.Queue, function: str, value: int) -> float:
     return elapsed_ms
 
 
-def rq_latency(kind: str, function: str, runs: int, workers: int, log_dir: Path) -> dict:
-    """Sequential calls with W idle workers; then the RSS of those (warm, idle) workers."""
-    queue = new_rq_queue(kind)
-    try:
-        with RqWorkers(kind, queue, workers, burst=False, log_dir=log_dir) as pool:
-            pool.wait_registered()
-            samples = [rq_call(queue, function, i) for i in range(runs + WARMUP_CALLS)][WARMUP_CALLS:]
-            table = process_table()
-            rss = [mib(table.get(pid, (0, 0))[1]) for pid in pool.pids()]
-        return {"latency": latency_summary(samples), "rss_mib": {"worker": rss}}
-    finally:
-        drop_keys(queue.connection, queue.name)
-
-
 def rq_enqueue_rate(count: int) -> dict:
     """Direct `Queue.enqueue` from one process, one call per job."""
     queue = new_rq_queue("enqueue")
@@ -361,40 +351,92 @@ def shares(total: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(parts)]
 
 
-def client_submits(url: str, code: str, first: int, count: int, barrier, results) -> None:
-    """One client process: open a keep-alive connection, wait for the others, then POST /submit
-    `count` times.
+class MinimalHttp:
+    """A keep-alive HTTP/1.1 client doing only what a load generator must: send the request,
+    read the status line, the headers and a Content-Length body. The submit clients share
+    the machine's two cores with the daemon; `http.client` spends about 0.4 ms of CPU per
+    call building message objects (measured by `run_clients`), which the daemon then lacks."""
 
-    It speaks HTTP with the standard library's `http.client`, as a load generator would:
-    `requests` costs its process about 1.5 ms of CPU per call, and the 8 clients share the
-    machine's two cores with the daemon (measured: 3.0 ms of client CPU per submit with
-    `requests`, against 1.3 ms in the daemon), so with it this measured the clients.
+    def __init__(self, url: str):
+        address = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((address.hostname, address.port), timeout=120)
+        self.host = address.netloc.encode()
+        self.buffer = b""
+
+    def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host, len(body), body))
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self._receive()
+        head, self.buffer = self.buffer[:end].decode("latin-1").split("\r\n"), self.buffer[end + 4:]
+        length = next(int(line.split(":", 1)[1]) for line in head[1:] if line.lower().startswith("content-length:"))
+        while len(self.buffer) < length:
+            self._receive()
+        answer, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(head[0].split()[1]), answer
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StdlibHttp:
+    """The same calls through the standard library's `http.client`, for comparison."""
+
+    def __init__(self, url: str):
+        self.connection = keep_alive(url)
+
+    def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.connection.request("POST", path, body, {"Content-Type": "application/json"})
+        answer = self.connection.getresponse()
+        return answer.status, answer.read()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+CLIENT_KINDS = {"minimal": MinimalHttp, "http.client": StdlibHttp}
+
+
+def client_submits(url: str, code: str, first: int, count: int, barrier, results, kind: str) -> None:
+    """One client process: connect, wait for the others, then POST /submit `count` times on
+    one keep-alive connection; reports the ids and its own CPU time.
+
+    Not `requests`: it costs its process about 1.5 ms of CPU per call, and the 8 clients
+    share the machine's two cores with the daemon (measured: 3.0 ms of client CPU per
+    submit with `requests`, against 1.3 ms in the daemon), so with it this measured the
+    clients.
     """
     try:
-        connection = keep_alive(url)
-        connection.request("GET", "/")
-        connection.getresponse().read()
+        client = CLIENT_KINDS[kind](url)
+        client.post_json("/submit", b"{}")  # connected and answered (400) before the start
         barrier.wait(timeout=120)
+        cpu_before = time.process_time()
         ids, errors = {}, []
         for value in range(first, first + count):
-            body = json.dumps({"code": code, "input": value})
-            connection.request("POST", "/submit", body, {"Content-Type": "application/json"})
-            answer = connection.getresponse()
-            text = answer.read()
-            if answer.status == 202:
+            status, text = client.post_json("/submit", json.dumps({"code": code, "input": value}).encode())
+            if status == 202:
                 ids[json.loads(text)["jobId"]] = value
             else:
-                errors.append(f"{answer.status}: {text[:200]!r}")
-        results.put({"ids": ids, "errors": errors, "ended": time.monotonic()})
+                errors.append(f"{status}: {text[:200]!r}")
+        results.put({"ids": ids, "errors": errors, "ended": time.monotonic(),
+                     "cpu_s": time.process_time() - cpu_before})
+        client.close()
     except Exception as e:  # noqa: BLE001 - the parent reports it
-        results.put({"ids": {}, "errors": [f"client crashed: {type(e).__name__}: {e}"], "ended": time.monotonic()})
+        results.put({"ids": {}, "errors": [f"client crashed: {type(e).__name__}: {e}"], "ended": time.monotonic(),
+                     "cpu_s": 0.0})
 
 
-def run_clients(url: str, code: str, total: int) -> dict:
+def run_clients(url: str, code: str, total: int, kind: str = "minimal") -> dict:
     """Submit `total` jobs from CLIENTS processes at once; the rate counts from their common start."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(CLIENTS + 1), context.Queue()
-    processes = [context.Process(target=client_submits, args=(url, code, first, count, barrier, results))
+    processes = [context.Process(target=client_submits, args=(url, code, first, count, barrier, results, kind))
                  for first, count in shares(total, CLIENTS)]
     for process in processes:
         process.start()
@@ -408,7 +450,8 @@ def run_clients(url: str, code: str, total: int) -> dict:
     ids = {job_id: value for outcome in outcomes for job_id, value in outcome["ids"].items()}
     span_s = max(outcome["ended"] for outcome in outcomes) - started
     return {"inputs": ids, "errors": [e for outcome in outcomes for e in outcome["errors"]], "clients": CLIENTS,
-            "jobs": total, "accepted": len(ids), "span_s": span_s, "jobs_per_s": len(ids) / span_s}
+            "client": kind, "jobs": total, "accepted": len(ids), "span_s": span_s, "jobs_per_s": len(ids) / span_s,
+            "client_cpu_ms_per_job": sum(o["cpu_s"] for o in outcomes) * 1000 / max(1, len(ids))}
 
 
 def submitted_or_fail(submitted: dict) -> dict:
@@ -525,15 +568,6 @@ def sless_call(connection: http.client.HTTPConnection, function: str, value: int
     return elapsed_ms
 
 
-def sless_latency(stack: Stack, function: str, runs: int) -> dict:
-    connection = keep_alive(stack.url)
-    try:
-        samples = [sless_call(connection, function, i) for i in range(runs + WARMUP_CALLS)]
-    finally:
-        connection.close()
-    return latency_summary(samples[WARMUP_CALLS:])
-
-
 def sless_rss(stack: Stack) -> dict:
     """Resident MiB of each worker, and of each warm sandbox below it (bwrap and python, summed)."""
     time.sleep(1.0)  # the spare sandboxes are started once the last jobs are recorded
@@ -543,44 +577,116 @@ def sless_rss(stack: Stack) -> dict:
     return {"worker": [mib(table.get(pid, (0, 0))[1]) for pid in workers], "warm_sandbox": sandboxes}
 
 
-def measure_sless(rec: Recorder, function: str, workers: int, args) -> None:
-    """A fresh stack for this W: drain, RSS of the live pool, then latency on the idle pool."""
-    slot = rec.slot(function, workers, "sless")
-    label = f"sless {function} W={workers}"
+def drain(system: str, function: str, workers: int, args) -> dict:
+    """One drain of --jobs queued jobs by W workers of `system`."""
+    if system != "sless":
+        return rq_drain(system, function, args.jobs, workers, args.log_dir)
     with running_stack(args.log_dir, workers=0) as stack:
-        slot["throughput"] = rec.attempt(f"{label} throughput ({args.jobs} jobs)",
-                                         lambda: sless_drain(stack, function, args.jobs, workers))
-        rec.check_jobs(f"{label} throughput", slot["throughput"])
-        if slot["throughput"] is None:
-            return  # a backlog may remain: latency measured now would not mean what it says
-        slot["rss_mib"] = rec.attempt(f"{label} RSS", lambda: sless_rss(stack))
-        slot["latency"] = rec.attempt(f"{label} latency ({args.latency_runs} calls)",
-                                      lambda: sless_latency(stack, function, args.latency_runs))
+        return sless_drain(stack, function, args.jobs, workers)
 
 
-def measure_rq(rec: Recorder, kind: str, function: str, workers: int, args) -> None:
-    slot = rec.slot(function, workers, kind)
-    label = f"{kind} {function} W={workers}"
-    slot["throughput"] = rec.attempt(f"{label} throughput ({args.jobs} jobs)",
-                                     lambda: rq_drain(kind, function, args.jobs, workers, args.log_dir))
-    rec.check_jobs(f"{label} throughput", slot["throughput"])
-    measured = rec.attempt(f"{label} latency ({args.latency_runs} calls)",
-                           lambda: rq_latency(kind, function, args.latency_runs, workers, args.log_dir))
-    slot.update(measured or {})
+def measure_throughput(rec: Recorder, function: str, workers: int, systems: list[str], args) -> None:
+    """--rounds drains per system, the order reversed every other round (A B sless, sless B A, ...).
+
+    These machines change speed by a third within minutes (the cpu10 loop took 9.1 to
+    15.6 ms across session 5's runs), so one drain per system measured minutes apart
+    compares the minutes as much as the systems. Alternating rounds puts every system
+    in the same minutes; each round's ratios are kept with the mean over rounds.
+    """
+    drains: dict[str, list] = {s: [] for s in systems}
+    for index in range(args.rounds):
+        for system in systems if index % 2 == 0 else systems[::-1]:
+            label = f"{system} {function} W={workers} throughput, round {index + 1} ({args.jobs} jobs)"
+            drained = rec.attempt(label, lambda: drain(system, function, workers, args))
+            rec.check_jobs(label, drained)
+            drains[system].append(drained)
+    for system, rounds in drains.items():
+        done = [d for d in rounds if d is not None]
+        rec.slot(function, workers, system)["throughput"] = None if len(done) < len(rounds) else {
+            "jobs_per_s": statistics.fmean(d["jobs_per_s"] for d in done),
+            "wall_s": statistics.fmean(d["wall_s"] for d in done), "rounds": done}
 
 
-def sless_submit_rate(args) -> dict:
+@contextlib.contextmanager
+def rq_caller(kind: str, function: str, workers: int, args):
+    """W idle `rq worker`s of `kind`; yields (one call, the workers' RSS)."""
+    queue = new_rq_queue(kind)
+    try:
+        with RqWorkers(kind, queue, workers, burst=False, log_dir=args.log_dir) as pool:
+            pool.wait_registered()
+
+            def rss() -> dict:
+                table = process_table()
+                return {"worker": [mib(table.get(pid, (0, 0))[1]) for pid in pool.pids()]}
+
+            yield lambda value: rq_call(queue, function, value), rss
+    finally:
+        drop_keys(queue.connection, queue.name)
+
+
+@contextlib.contextmanager
+def sless_caller(function: str, workers: int, args):
+    """A fresh stack with W idle workers; yields (one `POST /execute` call, the RSS)."""
+    with running_stack(args.log_dir, workers=workers) as stack:
+        connection = keep_alive(stack.url)
+        try:
+            yield lambda value: sless_call(connection, function, value), lambda: sless_rss(stack)
+        finally:
+            connection.close()
+
+
+def measure_latency(rec: Recorder, function: str, workers: int, systems: list[str], args) -> None:
+    """--latency-runs sequential calls per system, every system up at once and idle between
+    calls, the calls taken in blocks of LATENCY_BLOCK in turn (A B sless, B sless A, ...), so
+    all systems meet the same minutes (see measure_throughput). Then the RSS of each idle pool."""
+    with contextlib.ExitStack() as up:
+        callers = {}
+        for system in systems:
+            opened = rec.attempt(f"{system} {function} W={workers} idle workers",
+                                 lambda: up.enter_context(sless_caller(function, workers, args) if system == "sless"
+                                                          else rq_caller(system, function, workers, args)))
+            if opened:
+                callers[system] = opened
+        label = f"{function} W={workers} latency ({args.latency_runs} calls each, interleaved)"
+        samples = rec.attempt(label, lambda: interleaved_calls({s: c[0] for s, c in callers.items()},
+                                                               args.latency_runs))
+        for system, (_, rss) in callers.items():
+            slot = rec.slot(function, workers, system)
+            slot["latency"] = latency_summary(samples[system]) if samples else None
+            slot["rss_mib"] = rec.attempt(f"{system} {function} W={workers} RSS", rss)
+
+
+def interleaved_calls(calls: dict, runs: int) -> dict[str, list[float]]:
+    """Milliseconds of `runs` calls to each system, in rotating blocks; WARMUP_CALLS first, uncounted."""
+    names = list(calls)
+    for name in names:
+        for value in range(WARMUP_CALLS):
+            calls[name](value)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for block, first in enumerate(range(0, runs, LATENCY_BLOCK)):
+        turn = names[block % len(names):] + names[:block % len(names)]
+        for name in turn:
+            samples[name] += [calls[name](value) for value in range(WARMUP_CALLS + first,
+                                                                    WARMUP_CALLS + min(runs, first + LATENCY_BLOCK))]
+    return samples
+
+
+def sless_submit_rate(args, kind: str) -> dict:
     """`POST /submit` from 8 client processes to a daemon with no workers."""
     with running_stack(args.log_dir, workers=0) as stack:
-        submitted = submitted_or_fail(run_clients(stack.url, tasks.SLESS_CODE["double"], args.submit_jobs))
+        submitted = submitted_or_fail(run_clients(stack.url, tasks.SLESS_CODE["double"], args.submit_jobs, kind))
     return {k: v for k, v in submitted.items() if k != "inputs"}
 
 
 def submit_rate(rec: Recorder, args) -> dict:
-    """sless's submit rate next to direct enqueue from one process (each when its systems are selected)."""
-    sless = rec.attempt("sless submit rate", lambda: sless_submit_rate(args)) if "sless" in args.only else None
+    """sless's submit rate next to direct enqueue from one process (each when its systems are
+    selected): the minimal client, the direct enqueue, then `http.client` for comparison."""
+    sless_rate = lambda kind: rec.attempt(f"sless submit rate ({kind})",  # noqa: E731
+                                          lambda: sless_submit_rate(args, kind)) if "sless" in args.only else None
+    sless = sless_rate("minimal")
     direct = rec.attempt("RQ enqueue rate", lambda: rq_enqueue_rate(args.submit_jobs))
-    return {"sless_submit": sless, "rq_enqueue": direct,
+    stdlib = sless_rate("http.client")
+    return {"sless_submit": sless, "rq_enqueue": direct, "sless_submit_http_client": stdlib,
             "ratio": ratio(get(sless, "jobs_per_s"), get(direct, "jobs_per_s"))}
 
 
@@ -718,14 +824,22 @@ def get(tree: dict | None, *path):
     return tree
 
 
+def round_ratios(per_w: dict, w: int, base: str) -> list[float | None]:
+    """sless/base in each round (the two drains of one round ran within a minute of each other)."""
+    ours, theirs = (get(per_w, str(w), s, "throughput", "rounds") or [] for s in ("sless", base))
+    return [ratio(a["jobs_per_s"], b["jobs_per_s"]) for a, b in zip(ours, theirs)]
+
+
 def throughput_table(per_w: dict, workers: list[int]) -> str:
     rows = []
     for w in workers:
         rate = {s: get(per_w, str(w), s, "throughput", "jobs_per_s") for s in SYSTEMS}
         wall = "/".join(fmt(get(per_w, str(w), s, "throughput", "wall_s")) for s in SYSTEMS)
         ratios = [fmt(ratio(rate["sless"], rate[base]), 2, "x") for base in ("A", "B")]
-        rows.append([str(w)] + [fmt(rate[s]) for s in SYSTEMS] + ratios + [wall])
-    return table(["W", "A jobs/s", "B jobs/s", "sless jobs/s", "sless/A", "sless/B", "wall s A/B/sless"], rows)
+        rounds = ", ".join(fmt(r, 2, "x") for r in round_ratios(per_w, w, "A")) or "n/a"
+        rows.append([str(w)] + [fmt(rate[s]) for s in SYSTEMS] + ratios + [rounds, wall])
+    return table(["W", "A jobs/s", "B jobs/s", "sless jobs/s", "sless/A", "sless/B", "sless/A by round",
+                  "wall s A/B/sless"], rows)
 
 
 def latency_table(per_w: dict, workers: list[int]) -> str:
@@ -778,6 +892,45 @@ def targets(data: dict, workers: list[int]) -> list[dict]:
     return found
 
 
+def code_ms(data: dict, function: str) -> float:
+    """The user code's own milliseconds in sless's interpreter (the trivial function's are ~0)."""
+    return (get(data, "meta", "cpu10_ms_sandbox_python") or 0.0) if function == "cpu10" else 0.0
+
+
+def budgets(data: dict, workers: list[int]) -> list[dict]:
+    """What the throughput and p50 targets leave for everything but the user code, per job.
+
+    Throughput: W workers on C cores run at most min(W, C) jobs' code at once, so at 2x
+    A's rate each of those lanes has min(W, C) * 1000 / (2 * A) ms per job, of which
+    the code takes its own. Latency: half A's p50, less the code. Next to each, what
+    sless took in this run, worked out the same way.
+    """
+    rows = []
+    for function, per_w in data["functions"].items():
+        code = code_ms(data, function)
+        for w in workers:
+            lanes = min(w, data["meta"]["cpus"] or 1)
+            rate = {s: get(per_w, str(w), s, "throughput", "jobs_per_s") for s in ("A", "sless")}
+            p50 = {s: get(per_w, str(w), s, "latency", "p50_ms") for s in ("A", "sless")}
+            per_job = lambda r: lanes * 1000 / r - code if r else None  # noqa: E731
+            rows.append({"function": function, "workers": w, "code_ms": code,
+                         "throughput_needed": 2 * rate["A"] if rate["A"] else None,
+                         "lane_ms_allowed": per_job(2 * rate["A"] if rate["A"] else None),
+                         "lane_ms_sless": per_job(rate["sless"]),
+                         "p50_needed_ms": p50["A"] / 2 if p50["A"] else None,
+                         "latency_ms_allowed": p50["A"] / 2 - code if p50["A"] else None,
+                         "latency_ms_sless": p50["sless"] - code if p50["sless"] else None})
+    return rows
+
+
+def budgets_table(rows: list[dict]) -> str:
+    return table(["function W", "code ms", "2x A jobs/s", "ms per job per lane beyond the code: allowed / sless",
+                  "0.5x A p50 ms", "p50 ms beyond the code: allowed / sless"],
+                 [[f"{r['function']} W={r['workers']}", fmt(r["code_ms"], 2), fmt(r["throughput_needed"]),
+                   f"{fmt(r['lane_ms_allowed'], 2)} / {fmt(r['lane_ms_sless'], 2)}", fmt(r["p50_needed_ms"], 2),
+                   f"{fmt(r['latency_ms_allowed'], 2)} / {fmt(r['latency_ms_sless'], 2)}"] for r in rows])
+
+
 def targets_table(found: list[dict]) -> str:
     verdict = {True: "met", False: "not met", None: "n/a"}
     return table(["where", "target", "measured", "verdict"],
@@ -785,11 +938,14 @@ def targets_table(found: list[dict]) -> str:
 
 
 def submit_table(submit: dict | None) -> str:
-    sless, direct = get(submit, "sless_submit"), get(submit, "rq_enqueue")
-    return table(["path", "jobs", "jobs/s"], [
-        [f"sless POST /submit, {CLIENTS} clients", fmt(get(sless, "accepted"), 0), fmt(get(sless, "jobs_per_s"))],
-        ["RQ Queue.enqueue, 1 process", fmt(get(direct, "jobs"), 0), fmt(get(direct, "jobs_per_s"))],
-        ["ratio sless/enqueue", "", fmt(get(submit, "ratio"), 2, "x")]])
+    sless, direct, stdlib = (get(submit, key) for key in ("sless_submit", "rq_enqueue", "sless_submit_http_client"))
+    return table(["path", "jobs", "jobs/s", "client CPU ms per job"], [
+        [f"sless POST /submit, {CLIENTS} clients (MinimalHttp)", fmt(get(sless, "accepted"), 0),
+         fmt(get(sless, "jobs_per_s")), fmt(get(sless, "client_cpu_ms_per_job"), 3)],
+        ["RQ Queue.enqueue, 1 process", fmt(get(direct, "jobs"), 0), fmt(get(direct, "jobs_per_s")), ""],
+        ["ratio sless/enqueue", "", fmt(get(submit, "ratio"), 2, "x"), ""],
+        [f"for comparison: sless POST /submit, {CLIENTS} clients (http.client)", fmt(get(stdlib, "accepted"), 0),
+         fmt(get(stdlib, "jobs_per_s")), fmt(get(stdlib, "client_cpu_ms_per_job"), 3)]])
 
 
 def long_drain_text(long: dict | None) -> str:
@@ -822,17 +978,21 @@ def report(data: dict, args) -> str:
              f"cpu10 loop: {fmt(meta['cpu10_ms_here'], 2)} ms in {sys.executable}, "
              f"{fmt(meta['cpu10_ms_sandbox_python'], 2)} ms in the sandbox's {SANDBOX_PYTHON}"]
     for function, per_w in data["functions"].items():
-        parts += [f"## {function}: throughput, draining {args.jobs} queued jobs", throughput_table(per_w, args.workers),
-                  f"## {function}: end-to-end latency, {args.latency_runs} sequential submit-and-wait calls",
+        parts += [f"## {function}: throughput, draining {args.jobs} queued jobs (mean of {args.rounds} rounds, "
+                  "the systems' order reversed every other round)", throughput_table(per_w, args.workers),
+                  f"## {function}: end-to-end latency, {args.latency_runs} sequential submit-and-wait calls "
+                  f"(all systems up, in turns of {LATENCY_BLOCK} calls)",
                   latency_table(per_w, args.workers)]
     first_name, first = next(iter(data["functions"].items()), ("none", {}))
     parts += [f"## Submit rate ({args.submit_jobs} jobs, no workers)", submit_table(data.get("submit_rate")),
-              f"## RSS, mean per process, idle ({first_name}; RQ after its latency run, sless after its drain)",
+              f"## RSS, mean per process, idle ({first_name}, after the latency calls)",
               rss_table(first, args.workers),
               "## Long drain (sless, double)", long_drain_text(data.get("long_drain")),
               f"## Stages of one sless job (median of {args.stage_runs})", stages_table(data.get("stages")),
               f"## Sandbox start ({args.sandbox_runs} runs)", sandbox_table(data.get("sandbox_start")),
-              "## Targets", targets_table(data["targets"])]
+              "## Targets", targets_table(data["targets"]),
+              "## What the targets leave per job, beyond the user code (bench/compare.py: budgets)",
+              budgets_table(budgets(data, args.workers))]
     errors = data["errors"]
     parts.append("## Errors\n" + ("\n".join(f"- {e['measure']}: {e['error']}" for e in errors) if errors else "none"))
     return "\n\n".join(parts) + "\n"
@@ -867,10 +1027,9 @@ def run(args) -> dict:
     rec.data["submit_rate"] = submit_rate(rec, args)
     for function in args.functions:
         for w in args.workers:
-            for kind in [k for k in ("A", "B") if k in args.only]:
-                measure_rq(rec, kind, function, w, args)
-            if "sless" in args.only:
-                rec.attempt(f"sless {function} W={w}", lambda: measure_sless(rec, function, w, args))
+            systems = [s for s in SYSTEMS if s in args.only]
+            measure_throughput(rec, function, w, systems, args)
+            measure_latency(rec, function, w, systems, args)
     if "sless" in args.only and args.long_jobs:
         rec.data["long_drain"] = rec.attempt(f"long drain ({args.long_jobs} jobs)", lambda: long_drain(args))
         rec.check_jobs("long drain", get(rec.data, "long_drain", "drain"))
@@ -897,6 +1056,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=csv_of(int), default=[1, 2, 4], help="worker counts W (default 1,2,4)")
     parser.add_argument("--jobs", type=int, default=2000, help="jobs drained for throughput")
+    parser.add_argument("--rounds", type=int, default=2, help="drains per system, in alternating order")
     parser.add_argument("--latency-runs", type=int, default=300, help="sequential submit-and-wait calls")
     parser.add_argument("--submit-jobs", type=int, default=2000, help="jobs for the submit-rate comparison")
     parser.add_argument("--long-jobs", type=int, default=10000, help="jobs of the long sless drain; 0 skips it")
@@ -908,8 +1068,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="double,cpu10")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     args = parser.parse_args(argv)
-    if min(args.jobs, args.latency_runs, args.submit_jobs, *args.workers) < 1:
-        parser.error("--jobs, --latency-runs, --submit-jobs and --workers must be at least 1")
+    if min(args.jobs, args.rounds, args.latency_runs, args.submit_jobs, *args.workers) < 1:
+        parser.error("--jobs, --rounds, --latency-runs, --submit-jobs and --workers must be at least 1")
     return args
 
 

@@ -118,7 +118,7 @@ class Executor:
         if not self.settings.prewarm_sandbox:
             self._ready_host()
         elif self.spare is None:
-            self.spare = self._order(self.default_limits, spare=True)
+            self.spare = self._order(self.default_limits)
 
     def probe(self) -> None:
         """Run one trivial attempt; SandboxUnavailable, with the reason, if it fails."""
@@ -188,23 +188,20 @@ class Executor:
             self.host = JobHost.start(self.settings, self.sandbox, self.name, reap_init=self.reap_orphans)
         return self.host
 
-    def _order(self, limits: Limits, spare: bool = False) -> Ordered:
-        """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone.
-
-        A spare waits for its job, so it rehearses the job's path meanwhile (runner._rehearse).
-        """
+    def _order(self, limits: Limits) -> Ordered:
+        """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone."""
         self.collect_ended()
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         started = time.perf_counter()
         try:
             host = self._ready_host()
             try:
-                pipes = host.begin(limits, workdir, rehearse=spare)
+                pipes = host.begin(limits, workdir)
             except OSError as e:
                 log.warning("the sandbox of %s stopped taking attempts (%s); starting a new one", self.name, e)
                 self.close()
                 host = self._ready_host()
-                pipes = host.begin(limits, workdir, rehearse=spare)
+                pipes = host.begin(limits, workdir)
         except BaseException:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -183,11 +183,8 @@ class JobHost:
     def alive(self) -> bool:
         return not self.stopped and self.process.poll() is None
 
-    def begin(self, limits: Limits, workdir: str | None, rehearse: bool = False) -> AttemptPipes:
+    def begin(self, limits: Limits, workdir: str | None) -> AttemptPipes:
         """Send the order of one attempt; returns the worker's ends of its pipes.
-
-        `rehearse`: the attempt walks the request's path once while it waits for its
-        request (a spare does: runner._rehearse).
 
         Raises OSError when the server is gone (the caller starts a new one).
         """
@@ -200,8 +197,7 @@ class JobHost:
         report_r, report_w = os.pipe()
         theirs = [stdin_r, stdout_w, stderr_w, report_w]
         order = {"rlimits": attempt_rlimits(limits, isolated=self.info_fd is not None),
-                 "tmpfs_bytes": limits.tmpfs_mb << 20, "result_bytes": limits.result_bytes, "workdir": workdir,
-                 "rehearse": rehearse}
+                 "tmpfs_bytes": limits.tmpfs_mb << 20, "result_bytes": limits.result_bytes, "workdir": workdir}
         try:
             socket.send_fds(self.control, [json.dumps(order).encode()], theirs)
         except OSError:

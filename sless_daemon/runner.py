@@ -20,7 +20,7 @@ namespaces and the filter: it only forks, changes directory and sets rlimits.
 Control protocol (CONTROL_FD is a SOCK_SEQPACKET socket to the worker, JSON messages):
 - server -> worker `{"ready": true}` once it can take attempts;
 - worker -> server one order per attempt, `{"rlimits": [[resource, soft, hard]...],
-  "tmpfs_bytes", "result_bytes", "workdir", "rehearse"}`, carrying four descriptors: the request
+  "tmpfs_bytes", "result_bytes", "workdir"}`, carrying four descriptors: the request
   to read (stdin), stdout, stderr and the report pipe;
 - server -> worker `{"status": N}` when the attempt's whole process tree has ended
   (exit code, or -signal, or 128 + signal for a signal inside the namespaces).
@@ -126,16 +126,14 @@ def attempt(order: dict, fds: list, plain: bool, seccomp) -> None:
     except BaseException as e:  # noqa: BLE001 - anything here is a sandbox fault, reported as such
         os.write(2, f"sless: the attempt's sandbox could not be set up: {e}\n".encode())
         os._exit(SETUP_FAILED)
-    run_request(order["result_bytes"], order.get("rehearse", False))
+    run_request(order["result_bytes"])
 
 
-def run_request(max_result_bytes: int, rehearse: bool = False) -> None:
+def run_request(max_result_bytes: int) -> None:
     """Read the request, run the code, write the report, and end the attempt's process."""
     # Bound before user code runs, so code that breaks builtins or imports cannot stop the report.
     write, exit_now, now, flush_out, flush_err = os.write, os._exit, time.time, sys.stdout.flush, sys.stderr.flush
     close_pipes = os.closerange
-    if rehearse:
-        _rehearse(max_result_bytes)
     request = json.loads(_read_all(0))
     _detach_stdin()
     gc.unfreeze()
@@ -149,23 +147,6 @@ def run_request(max_result_bytes: int, rehearse: bool = False) -> None:
         data = data[write(REPORT_FD, data):]
     close_pipes(1, REPORT_FD + 1)  # the worker sees the end now, not after the kernel unmaps this process
     exit_now(0)  # the function is done: threads or handlers it left behind do not hold the attempt open
-
-
-REHEARSAL = ('{"code": "return input * 2", "input": 21, "entry": null, '
-             '"context": {"job_id": "rehearsal", "attempt": 1, "max_attempts": 1, "timeout_s": 30.0}}')
-
-
-def _rehearse(max_result_bytes: int) -> None:
-    """Walk the request's path once with a stand-in request while the attempt waits for its own.
-
-    A forked attempt pays a copy-on-write fault for every page of the fork server it
-    writes; parsing, compiling and encoding write most of the same pages whatever the
-    code. A spare is ordered ahead of its job, so those pages are copied while it waits,
-    not while the job's caller does (the attempt's page faults stay the same in number:
-    bench/attempt_costs.py). Only this file's code runs here, nothing of the job's.
-    """
-    request = json.loads(REHEARSAL)
-    run(request["code"], request["input"], request["entry"], request["context"], max_result_bytes)
 
 
 def _read_all(fd: int) -> bytes:

@@ -159,15 +159,3 @@ def test_threads_left_running_do_not_hold_the_attempt_open(executor):
     outcome = run(executor, code, timeout_s=5)
     assert outcome.result == "returned"
     assert outcome.duration_ms < 3000  # ended when the function returned, not at the 5 s limit
-
-
-def test_a_spare_rehearses_before_its_job_and_leaves_it_nothing(executor):
-    """A spare walks the request's path with a stand-in request while it waits (runner._rehearse):
-    the job that then runs in it finds no object of that request and no output of it."""
-    executor.prepare()  # orders the spare; the next job with the default limits takes it
-    code = ("import gc\n"  # the stand-in request holds a dict, so the collector tracks it
-            "return [sorted(o) for o in gc.get_objects()\n"
-            "        if isinstance(o, dict) and (o.get('context') or {}).get('job_id') == 'rehearsal']")
-    spec = JobSpec(code=code, input=None, limits=executor.default_limits, retries=0)
-    outcome = executor.run(spec, {"job_id": "t", "attempt": 1, "max_attempts": 1, "timeout_s": spec.timeout_s})
-    assert (outcome.result, outcome.stdout, outcome.stderr) == ([], "", "")

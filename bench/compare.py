@@ -679,15 +679,30 @@ def sless_submit_rate(args, kind: str) -> dict:
 
 
 def submit_rate(rec: Recorder, args) -> dict:
-    """sless's submit rate next to direct enqueue from one process (each when its systems are
-    selected): the minimal client, the direct enqueue, then `http.client` for comparison."""
-    sless_rate = lambda kind: rec.attempt(f"sless submit rate ({kind})",  # noqa: E731
-                                          lambda: sless_submit_rate(args, kind)) if "sless" in args.only else None
-    sless = sless_rate("minimal")
-    direct = rec.attempt("RQ enqueue rate", lambda: rq_enqueue_rate(args.submit_jobs))
-    stdlib = sless_rate("http.client")
+    """sless's submit rate next to direct enqueue from one process, --rounds times each in
+    alternating order (see measure_throughput); then `http.client` clients for comparison.
+    Each figure is the mean over its rounds; the ratio is the mean's."""
+    runs = {"minimal": lambda: sless_submit_rate(args, "minimal"), "enqueue": lambda: rq_enqueue_rate(args.submit_jobs)}
+    if "sless" not in args.only:
+        del runs["minimal"]
+    rounds: dict[str, list] = {name: [] for name in runs}
+    for index in range(args.rounds):
+        for name in runs if index % 2 == 0 else list(runs)[::-1]:
+            rounds[name].append(rec.attempt(f"submit rate: {name}, round {index + 1}", runs[name]))
+    sless, direct = (mean_rate(rounds.get(name)) for name in ("minimal", "enqueue"))
+    stdlib = (rec.attempt("sless submit rate (http.client)", lambda: sless_submit_rate(args, "http.client"))
+              if "sless" in args.only else None)
     return {"sless_submit": sless, "rq_enqueue": direct, "sless_submit_http_client": stdlib,
             "ratio": ratio(get(sless, "jobs_per_s"), get(direct, "jobs_per_s"))}
+
+
+def mean_rate(rounds: list | None) -> dict | None:
+    """The first round's figures with `jobs_per_s` (and client CPU) the mean over all rounds."""
+    if not rounds or any(r is None for r in rounds):
+        return None
+    mean = {key: statistics.fmean(r[key] for r in rounds) for key in ("jobs_per_s", "client_cpu_ms_per_job")
+            if key in rounds[0]}
+    return {**rounds[0], **mean, "rounds": [r["jobs_per_s"] for r in rounds]}
 
 
 def slice_rates(offsets_s: list[float], size: int) -> list[dict]:
@@ -941,11 +956,17 @@ def submit_table(submit: dict | None) -> str:
     sless, direct, stdlib = (get(submit, key) for key in ("sless_submit", "rq_enqueue", "sless_submit_http_client"))
     return table(["path", "jobs", "jobs/s", "client CPU ms per job"], [
         [f"sless POST /submit, {CLIENTS} clients (MinimalHttp)", fmt(get(sless, "accepted"), 0),
-         fmt(get(sless, "jobs_per_s")), fmt(get(sless, "client_cpu_ms_per_job"), 3)],
-        ["RQ Queue.enqueue, 1 process", fmt(get(direct, "jobs"), 0), fmt(get(direct, "jobs_per_s")), ""],
+         rates(sless), fmt(get(sless, "client_cpu_ms_per_job"), 3)],
+        ["RQ Queue.enqueue, 1 process", fmt(get(direct, "jobs"), 0), rates(direct), ""],
         ["ratio sless/enqueue", "", fmt(get(submit, "ratio"), 2, "x"), ""],
         [f"for comparison: sless POST /submit, {CLIENTS} clients (http.client)", fmt(get(stdlib, "accepted"), 0),
          fmt(get(stdlib, "jobs_per_s")), fmt(get(stdlib, "client_cpu_ms_per_job"), 3)]])
+
+
+def rates(figures: dict | None) -> str:
+    """The mean rate, and each round's after it."""
+    each = get(figures, "rounds") or []
+    return fmt(get(figures, "jobs_per_s")) + (f" ({', '.join(fmt(r) for r in each)})" if len(each) > 1 else "")
 
 
 def long_drain_text(long: dict | None) -> str:
@@ -984,7 +1005,8 @@ def report(data: dict, args) -> str:
                   f"(all systems up, in turns of {LATENCY_BLOCK} calls)",
                   latency_table(per_w, args.workers)]
     first_name, first = next(iter(data["functions"].items()), ("none", {}))
-    parts += [f"## Submit rate ({args.submit_jobs} jobs, no workers)", submit_table(data.get("submit_rate")),
+    parts += [f"## Submit rate ({args.submit_jobs} jobs, no workers; mean of {args.rounds} rounds, alternating)",
+              submit_table(data.get("submit_rate")),
               f"## RSS, mean per process, idle ({first_name}, after the latency calls)",
               rss_table(first, args.workers),
               "## Long drain (sless, double)", long_drain_text(data.get("long_drain")),

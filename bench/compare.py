@@ -593,18 +593,35 @@ def measure_throughput(rec: Recorder, function: str, workers: int, systems: list
     compares the minutes as much as the systems. Alternating rounds puts every system
     in the same minutes; each round's ratios are kept with the mean over rounds.
     """
-    drains: dict[str, list] = {s: [] for s in systems}
-    for index in range(args.rounds):
-        for system in systems if index % 2 == 0 else systems[::-1]:
-            label = f"{system} {function} W={workers} throughput, round {index + 1} ({args.jobs} jobs)"
-            drained = rec.attempt(label, lambda: drain(system, function, workers, args))
-            rec.check_jobs(label, drained)
-            drains[system].append(drained)
+    def drain_of(system: str):
+        def measure() -> dict:
+            drained = drain(system, function, workers, args)
+            rec.check_jobs(f"{system} {function} W={workers} throughput ({args.jobs} jobs)", drained)
+            return drained
+        return measure
+
+    drains = alternating_rounds(rec, {system: drain_of(system) for system in systems}, args.rounds,
+                                f"{function} W={workers} throughput")
     for system, rounds in drains.items():
-        done = [d for d in rounds if d is not None]
-        rec.slot(function, workers, system)["throughput"] = None if len(done) < len(rounds) else {
-            "jobs_per_s": statistics.fmean(d["jobs_per_s"] for d in done),
-            "wall_s": statistics.fmean(d["wall_s"] for d in done), "rounds": done}
+        rec.slot(function, workers, system)["throughput"] = mean_over(rounds, ("jobs_per_s", "wall_s"))
+
+
+def alternating_rounds(rec: Recorder, runs: dict, rounds: int, label: str) -> dict[str, list]:
+    """Each of `runs` (name -> measure) `rounds` times, the order reversed every other round:
+    name -> the values of its rounds (None where one failed, recorded by `rec`)."""
+    values: dict[str, list] = {name: [] for name in runs}
+    for index in range(rounds):
+        for name in runs if index % 2 == 0 else list(runs)[::-1]:
+            values[name].append(rec.attempt(f"{label}: {name}, round {index + 1}", runs[name]))
+    return values
+
+
+def mean_over(rounds: list | None, keys: tuple, also: tuple = ()) -> dict | None:
+    """The mean of `keys` over the rounds, `also` from the first, and every round; None if one failed."""
+    if not rounds or any(r is None for r in rounds):
+        return None
+    return {**{key: rounds[0][key] for key in also}, **{key: statistics.fmean(r[key] for r in rounds) for key in keys},
+            "rounds": rounds}
 
 
 @contextlib.contextmanager
@@ -685,24 +702,13 @@ def submit_rate(rec: Recorder, args) -> dict:
     runs = {"minimal": lambda: sless_submit_rate(args, "minimal"), "enqueue": lambda: rq_enqueue_rate(args.submit_jobs)}
     if "sless" not in args.only:
         del runs["minimal"]
-    rounds: dict[str, list] = {name: [] for name in runs}
-    for index in range(args.rounds):
-        for name in runs if index % 2 == 0 else list(runs)[::-1]:
-            rounds[name].append(rec.attempt(f"submit rate: {name}, round {index + 1}", runs[name]))
-    sless, direct = (mean_rate(rounds.get(name)) for name in ("minimal", "enqueue"))
+    rounds = alternating_rounds(rec, runs, args.rounds, "submit rate")
+    sless = mean_over(rounds.get("minimal"), ("jobs_per_s", "client_cpu_ms_per_job"), also=("accepted",))
+    direct = mean_over(rounds.get("enqueue"), ("jobs_per_s",), also=("jobs",))
     stdlib = (rec.attempt("sless submit rate (http.client)", lambda: sless_submit_rate(args, "http.client"))
               if "sless" in args.only else None)
     return {"sless_submit": sless, "rq_enqueue": direct, "sless_submit_http_client": stdlib,
             "ratio": ratio(get(sless, "jobs_per_s"), get(direct, "jobs_per_s"))}
-
-
-def mean_rate(rounds: list | None) -> dict | None:
-    """The first round's figures with `jobs_per_s` (and client CPU) the mean over all rounds."""
-    if not rounds or any(r is None for r in rounds):
-        return None
-    mean = {key: statistics.fmean(r[key] for r in rounds) for key in ("jobs_per_s", "client_cpu_ms_per_job")
-            if key in rounds[0]}
-    return {**rounds[0], **mean, "rounds": [r["jobs_per_s"] for r in rounds]}
 
 
 def slice_rates(offsets_s: list[float], size: int) -> list[dict]:
@@ -965,7 +971,7 @@ def submit_table(submit: dict | None) -> str:
 
 def rates(figures: dict | None) -> str:
     """The mean rate, and each round's after it."""
-    each = get(figures, "rounds") or []
+    each = [r["jobs_per_s"] for r in get(figures, "rounds") or []]
     return fmt(get(figures, "jobs_per_s")) + (f" ({', '.join(fmt(r) for r in each)})" if len(each) > 1 else "")
 
 

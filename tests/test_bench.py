@@ -82,3 +82,17 @@ def test_the_submit_clients_read_each_answer_whole_on_one_connection(echo_url, k
     assert [json.loads(body) for _, body in answers] == [
         {"path": path, "body": json.dumps({"n": n}), "type": "application/json"}
         for n, path in enumerate(["/submit", "/other", "/submit"])]
+
+
+def test_rounds_alternate_their_order_and_a_failed_round_fails_the_mean():
+    order = []
+    rec = compare.Recorder()
+    runs = {name: (lambda name=name: order.append(name) or {"jobs_per_s": float(len(order)), "jobs": 5})
+            for name in ("A", "B", "s")}
+    rounds = compare.alternating_rounds(rec, runs, 3, "t")
+    assert order == ["A", "B", "s", "s", "B", "A", "A", "B", "s"]
+    assert compare.mean_over(rounds["A"], ("jobs_per_s",), also=("jobs",)) == {
+        "jobs": 5, "jobs_per_s": (1 + 6 + 7) / 3, "rounds": rounds["A"]}
+    failing = compare.alternating_rounds(rec, {"x": lambda: 1 / 0}, 2, "t")
+    assert failing == {"x": [None, None]} and compare.mean_over(failing["x"], ("jobs_per_s",)) is None
+    assert len(rec.data["errors"]) == 2  # each failed round is recorded

@@ -44,7 +44,7 @@ PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 10.0
 REAP_TIMEOUT_S = 5.0
 SERVER_PROCESSES = 4  # bubblewrap's two, the server, and one spare while an attempt's tree is set up
-ATTEMPT_SETUP_PROCESSES = 1  # the attempt's init, waiting between the server and the job (runner.py)
+ATTEMPT_SETUP_PROCESSES = 1  # the attempt's init, PID 1 of its namespace beside the job (runner.py)
 SERVER_MEMORY_BYTES = 64 << 20  # room for bubblewrap and the idle server, above the largest attempt
 _numbers = itertools.count(1)
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -4,11 +4,12 @@ Started once per worker sandbox (`python -I -S -B runner.py CONTROL_FD [--plain]
 executed as a script, it must import nothing but the standard library: the project is
 not on its path. It never runs user code and never sees a request; it only forks.
 
-Per attempt (SOCK-style, USENIX ATC 2018): the server forks a child that is PID 1 of a
-new PID namespace; it enters new mount and IPC namespaces and mounts a fresh /proc,
-/work (size-capped tmpfs) and /dev/shm; its child enters a new user namespace where it
-is uid 65534 and owns none of those namespaces, drops every capability, takes the job's
-rlimits and seccomp filter, and only then reads the job's request from stdin. The
+Per attempt (SOCK-style, USENIX ATC 2018): the server starts a new PID namespace whose
+PID 1 is an init that shares the server's memory and only waits (start_attempt), and
+forks the job into it as PID 2; the job enters new mount and IPC namespaces, mounts a
+fresh /proc, /work (size-capped tmpfs) and /dev/shm, enters a new user namespace where
+it is uid 65534 and owns none of those namespaces, drops every capability, takes the
+job's rlimits and seccomp filter, and only then reads its request from stdin. The
 network (loopback only) and UTS namespaces are the worker sandbox's, made by bubblewrap
 and shared by the attempts of that one worker, which run one after another: an attempt
 cannot configure them (its user namespace owns neither), and every process it started
@@ -23,7 +24,7 @@ Control protocol (CONTROL_FD is a SOCK_SEQPACKET socket to the worker, JSON mess
   "tmpfs_bytes", "result_bytes", "workdir"}`, carrying four descriptors: the request
   to read (stdin), stdout, stderr and the report pipe;
 - server -> worker `{"status": N}` when the attempt's whole process tree has ended
-  (exit code, or -signal, or 128 + signal for a signal inside the namespaces).
+  (the job's exit code, or -signal when a signal ended it).
 
 The attempt reads `{"code", "input", "entry", "context"}` on stdin and writes exactly
 one JSON report to descriptor 3: `{"ok": true, "result": ...}` or `{"ok": false,
@@ -37,6 +38,7 @@ import gc
 import json
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -50,6 +52,7 @@ INSIDE_UID = 65534  # "nobody": what the job's code runs as
 WORKDIR = "/work"
 SHM_OPTIONS = b"size=4194304,mode=1777"
 
+CLONE_VM, CLONE_FILES = 0x00000100, 0x00000400
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
@@ -61,6 +64,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Looked up here, in the server: ctypes makes a function object on first use, and in an
 # attempt (a fork) that would be done again, writing to pages shared with the server.
 _unshare, _setns, _mount, _prctl, _capset = _libc.unshare, _libc.setns, _libc.mount, _libc.prctl, _libc.capset
+_clone = _libc.clone
+_clone.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_PAUSE = ctypes.cast(_libc.pause, ctypes.c_void_p)
+_INIT_STACK = ctypes.create_string_buffer(1 << 16)  # the init's stack: pause() needs little
+_INIT_STACK_TOP = (ctypes.addressof(_INIT_STACK) + len(_INIT_STACK)) & ~15
 
 
 def main() -> None:
@@ -78,32 +86,61 @@ def main() -> None:
         if not message:
             os._exit(0)  # the worker is gone
         order = json.loads(message)  # the worker's, not the job's: parsed once, before the fork
-        pid = fork_into_new_pid_namespace(own_pid_ns)
+        init, pid = start_attempt(own_pid_ns)
         if pid == 0:
             control.close()
             attempt(order, fds, plain, seccomp)
         for fd in fds:
             os.close(fd)
-        _, status = os.waitpid(pid, 0)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if init:
+            os.kill(init, signal.SIGKILL)  # the namespace's init: its end ends whatever the job left
+            os.waitpid(init, 0)  # returns once every process of the namespace is gone
         try:
-            control.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+            control.send(json.dumps({"status": status}).encode())
         except OSError:
             os._exit(0)  # the worker is gone (it may leave an attempt's status unread: collect_ended)
 
 
-def fork_into_new_pid_namespace(own_pid_ns) -> int:
-    """Fork the attempt as PID 1 of a new PID namespace (a plain fork with `--plain`).
+def start_attempt(own_pid_ns) -> tuple[int, int]:
+    """Start an attempt's two processes in a new PID namespace: (init's pid, job's pid).
 
-    unshare(CLONE_NEWPID) only places the server's next child in a new namespace, and
-    works once until setns() points the server's children back at its own: one fork
-    per attempt instead of a fork to unshare in and another to become PID 1.
+    The init, PID 1, only holds the namespace open and reaps orphans: a clone of this
+    server that shares its memory and descriptor table (nothing copied, nothing to
+    tear down) and sleeps in pause() with every signal blocked and SIGCHLD ignored
+    (so the kernel reaps the children it inherits); only SIGKILL, sent by this server
+    once the job has ended, ends it, and with it every process left in the namespace.
+    The job, PID 2, is a fork of this server. unshare(CLONE_NEWPID) only places the
+    server's next children in the new namespace and works once until setns() points
+    them back at the server's own. With `--plain`: no namespace, no init, one fork.
     """
     if own_pid_ns is None:
-        return os.fork()
+        return 0, os.fork()
     _check(_unshare(CLONE_NEWPID), "unshare PID namespace")
-    pid = os.fork()
-    if pid:
-        _check(_setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
+    init = pid = -1
+    try:
+        init = _start_init()
+        pid = os.fork()
+    finally:
+        if pid != 0:  # in the server (the job keeps the new namespace for its own children)
+            _check(_setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
+            if pid < 0 < init:  # the fork failed: the init has no job to wait for
+                os.kill(init, signal.SIGKILL)
+                os.waitpid(init, 0)
+    return init, pid
+
+
+def _start_init() -> int:
+    """Clone the namespace's init (see start_attempt): pause() on its own small stack."""
+    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # copied into the init's handler table only
+    try:
+        pid = _clone(_PAUSE, _INIT_STACK_TOP, CLONE_VM | CLONE_FILES | signal.SIGCHLD, None)
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if pid < 0:
+        _check(pid, "clone the attempt's init")
     return pid
 
 
@@ -113,9 +150,8 @@ def attempt(order: dict, fds: list, plain: bool, seccomp) -> None:
         _take_descriptors(fds)  # first: a setup failure below is reported on the attempt's stderr
         if not plain:
             _write("/proc/self/oom_score_adj", "1000")  # if memory runs out, the job goes first
-            _check(_unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 1 of its own PID namespace
+            _check(_unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 2 of its own PID namespace
             _mount_fresh_filesystems(order["tmpfs_bytes"])
-            _fork_and_wait()  # PID 1 stays as init: user code keeps normal signals
             _become_nobody()
         os.chdir(order.get("workdir") or WORKDIR)
         for which, soft, hard in order["rlimits"]:
@@ -275,26 +311,6 @@ def _detach_stdin() -> None:
 
 
 # --- building an attempt's sandbox (in the forked children) ---------------------------------
-
-def _fork_and_wait() -> None:
-    """Fork; the parent, the namespace's init, waits for that child and exits with its status.
-
-    It also collects orphans, and its exit ends every process left in the namespace.
-    The child returns.
-    """
-    pid = os.fork()
-    if pid == 0:
-        return
-    os.closerange(0, REPORT_FD + 1)  # only the job holds its pipes: their ends mean the job's end
-    while True:
-        try:
-            done, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(SETUP_FAILED)
-        if done == pid:
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(code if code >= 0 else 128 - code)
-
 
 def _mount_fresh_filesystems(tmpfs_bytes: int) -> None:
     """This attempt's own /proc (its PID namespace only), /work and /dev/shm."""

@@ -130,6 +130,24 @@ def test_children_do_not_outlive_the_attempt(sandboxed):
     assert all(state == "Z" for state in states), f"the detached child outlived its attempt: {survivors}"
 
 
+def test_orphans_are_reaped_while_the_attempt_runs(sandboxed):
+    """The attempt's init reaps what it inherits: 60 orphaned grandchildren pass a limit of 8 processes.
+
+    Unreaped, each would stay a zombie holding one of the 8 until the attempt ended.
+    """
+    code = ("import os\nfor _ in range(60):\n    pid = os.fork()\n    if pid == 0:\n        if os.fork() == 0:\n"
+            "            os._exit(0)\n        os._exit(0)\n    os.waitpid(pid, 0)\nreturn 'all forked'")
+    outcome = run(sandboxed, code, processes=8, timeout_s=5)
+    assert outcome.result == "all forked", outcome
+
+
+def test_the_job_is_not_its_namespaces_init(sandboxed):
+    """PID 1 ignores signals it has no handler for; the job is PID 2, so its own SIGTERM ends it."""
+    assert run(sandboxed, "import os\nreturn os.getpid()").result == 2
+    outcome = run(sandboxed, "import os, signal\nos.kill(1, signal.SIGKILL)\nos.kill(os.getpid(), signal.SIGTERM)")
+    assert outcome.error["type"] == "crashed" and "SIGTERM" in outcome.error["message"], outcome.error
+
+
 def test_the_executor_survives_a_burst_of_hostile_attempts(executor):
     for code in ("while True: pass", "import os; os._exit(1)", "return object()", "x = 'y' * (1 << 40)"):
         run(executor, code, timeout_s=0.3)

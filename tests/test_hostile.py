@@ -179,6 +179,10 @@ PROGRAMS = [
     # the namespace's init is the attempt's own (runner.py), in a user namespace above the job's
     ("proc_1_root", "import os\ntry:\n    return sorted(os.listdir('/proc/1/root'))\nexcept PermissionError:\n"
                     "    return 'denied'", completed_with("denied")),
+    # the attempt's init shares the fork server's memory (runner.py): its memory and descriptors stay closed
+    ("proc_1_mem_write", attempt("f = open('/proc/1/mem', 'r+b')\nf.seek(4096)\nf.write(b'x')\nreturn 'escaped'"), refused),
+    ("proc_1_fd_open", attempt("import os\nfds = os.listdir('/proc/1/fd')\nreturn 'escaped ' + str([os.readlink('/proc/1/fd/' + n) for n in fds])"),
+     refused),
     ("symlink_to_secret", attempt("import os\nos.symlink('/etc/shadow', '/work/s')\nreturn 'escaped: ' + open('/work/s').read()"), refused),
     ("hardlink_out", attempt("import os\nos.link('/usr/bin/python3', '/work/py')"), refused),
     ("proc_sys_write", attempt("open('/proc/sys/kernel/hostname', 'w').write('evil')"), refused),

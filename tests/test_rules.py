@@ -93,8 +93,9 @@ def test_every_attempt_enters_fresh_namespaces_as_nobody():
     from sless_daemon import runner
 
     source = Path(runner.__file__).read_text()
-    fork = source[source.index("def fork_into_new_pid_namespace("):source.index("def attempt(")]
-    assert fork.index("_unshare(CLONE_NEWPID)") < fork.index("pid = os.fork()") < fork.index("_setns(")
+    fork = source[source.index("def start_attempt("):source.index("def attempt(")]
+    assert (fork.index("_unshare(CLONE_NEWPID)") < fork.index("init = _start_init()") < fork.index("pid = os.fork()")
+            < fork.index("_setns("))
     steps = source[source.index("def attempt("):source.index("def run_request(")]
     for step in ("CLONE_NEWNS | CLONE_NEWIPC", "_mount_fresh_filesystems",
                  "_become_nobody", "_drop_capabilities", "_load_seccomp", "setrlimit"):

@@ -6,8 +6,9 @@ not on its path. It never runs user code and never sees a request; it only forks
 
 Per attempt (SOCK-style, USENIX ATC 2018): the server starts a new PID namespace whose
 PID 1 is an init that shares the server's memory and only waits (start_attempt), and
-forks the job into it as PID 2; the job enters new mount and IPC namespaces, mounts a
-fresh /proc, /work (size-capped tmpfs) and /dev/shm, enters a new user namespace where
+forks the job into it as PID 2; the job starts a session of its own, enters new mount
+and IPC namespaces, mounts a fresh /proc (showing only its own processes), /work
+(size-capped tmpfs) and /dev/shm, enters a new user namespace where
 it is uid 65534 and owns none of those namespaces, drops every capability, takes the
 job's rlimits and seccomp filter, and only then reads its request from stdin. The
 network (loopback only) and UTS namespaces are the worker sandbox's, made by bubblewrap
@@ -94,8 +95,7 @@ def main() -> None:
             os.close(fd)
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if init:
-            os.kill(init, signal.SIGKILL)  # the namespace's init: its end ends whatever the job left
-            os.waitpid(init, 0)  # returns once every process of the namespace is gone
+            end_namespace(init)
         try:
             control.send(json.dumps({"status": status}).encode())
         except OSError:
@@ -107,10 +107,12 @@ def start_attempt(own_pid_ns) -> tuple[int, int]:
 
     The init, PID 1, only holds the namespace open and reaps orphans: a clone of this
     server that shares its memory and descriptor table (nothing copied, nothing to
-    tear down) and sleeps in pause() with every signal blocked and SIGCHLD ignored
-    (so the kernel reaps the children it inherits); only SIGKILL, sent by this server
-    once the job has ended, ends it, and with it every process left in the namespace.
-    The job, PID 2, is a fork of this server. unshare(CLONE_NEWPID) only places the
+    tear down) and sleeps in pause() with the signals blocked and SIGCHLD ignored (so
+    the kernel reaps the children it inherits); as PID 1 it is also deaf to any signal
+    without a handler sent from inside its namespace. Only SIGKILL, sent by this server
+    once the job has ended (end_namespace), ends it, and with it every process left in
+    the namespace. The job, PID 2, is a fork of this server; the /proc it mounts does
+    not show PID 1, whose address space is this server's. unshare(CLONE_NEWPID) only places the
     server's next children in the new namespace and works once until setns() points
     them back at the server's own. With `--plain`: no namespace, no init, one fork.
     """
@@ -125,19 +127,29 @@ def start_attempt(own_pid_ns) -> tuple[int, int]:
         if pid != 0:  # in the server (the job keeps the new namespace for its own children)
             _check(_setns(own_pid_ns, CLONE_NEWPID), "setns back to the server's PID namespace")
             if pid < 0 < init:  # the fork failed: the init has no job to wait for
-                os.kill(init, signal.SIGKILL)
-                os.waitpid(init, 0)
+                end_namespace(init)
     return init, pid
+
+
+def end_namespace(init: int) -> None:
+    """Kill the attempt's init, and with it every process left in its namespace; return when all are gone.
+
+    The init's end waits until every process of the namespace is reaped, and a job's
+    clone(CLONE_PARENT) child is this server's: so reap whatever ends until the init does.
+    """
+    os.kill(init, signal.SIGKILL)
+    while os.waitpid(-1, 0)[0] != init:
+        pass
 
 
 def _start_init() -> int:
     """Clone the namespace's init (see start_attempt): pause() on its own small stack."""
     blocked = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # copied into the init's handler table only
+    reaping = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # copied into the init's handler table only
     try:
         pid = _clone(_PAUSE, _INIT_STACK_TOP, CLONE_VM | CLONE_FILES | signal.SIGCHLD, None)
     finally:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, reaping)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid < 0:
         _check(pid, "clone the attempt's init")
@@ -149,6 +161,7 @@ def attempt(order: dict, fds: list, plain: bool, seccomp) -> None:
     try:
         _take_descriptors(fds)  # first: a setup failure below is reported on the attempt's stderr
         if not plain:
+            os.setsid()  # a session of its own: a fresh scheduler autogroup, whose nice the job may raise
             _write("/proc/self/oom_score_adj", "1000")  # if memory runs out, the job goes first
             _check(_unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")  # already PID 2 of its own PID namespace
             _mount_fresh_filesystems(order["tmpfs_bytes"])
@@ -315,7 +328,10 @@ def _detach_stdin() -> None:
 def _mount_fresh_filesystems(tmpfs_bytes: int) -> None:
     """This attempt's own /proc (its PID namespace only), /work and /dev/shm."""
     _check(_mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-    _check(_mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount /proc")
+    # hidepid: the job's /proc shows only processes it could ptrace, so not PID 1, whose
+    # address space is the fork server's (oom_score_adj, clear_refs: owner-writable files)
+    _check(_mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible"),
+           "mount /proc")
     size = f"size={tmpfs_bytes},mode=0755,uid=0,gid=0".encode()
     _check(_mount(b"tmpfs", WORKDIR.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount /work")
     _check(_mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SHM_OPTIONS),

@@ -148,6 +148,27 @@ def test_the_job_is_not_its_namespaces_init(sandboxed):
     assert outcome.error["type"] == "crashed" and "SIGTERM" in outcome.error["message"], outcome.error
 
 
+def test_a_child_cloned_beside_the_job_ends_with_it_and_the_server_goes_on(sandboxed):
+    """clone(CLONE_PARENT) gives the fork server a child inside the attempt's namespace;
+    the server must reap it while the namespace ends, or it would wait for the init forever
+    (and the worker replace the whole sandbox)."""
+    assert run(sandboxed, "return 1").result == 1
+    server = sandboxed.host.process.pid
+    code = ("import ctypes, os\nif ctypes.CDLL(None).syscall(56, 0x8000 | 17, 0, 0, 0, 0) == 0:\n"
+            "    os.execv('/usr/bin/sleep', ['sleep', '41.5'])\nreturn 'cloned'")
+    assert run(sandboxed, code, timeout_s=5).result == "cloned"
+    assert run(sandboxed, "return 'next'").result == "next"
+    assert sandboxed.host.process.pid == server, "the fork server was replaced"
+    survivors = subprocess.run(["pgrep", "-f", "sleep 41.5"], capture_output=True, text=True).stdout.split()
+    assert not [pid for pid in survivors if open(f"/proc/{pid}/stat").read().split()[2] != "Z"], survivors
+
+
+def test_no_scheduler_priority_crosses_attempts(sandboxed):
+    """Each attempt is a session of its own: a job that lowers its autogroup's priority lowers only its own."""
+    assert run(sandboxed, "open('/proc/self/autogroup', 'w').write('19')\nreturn 1").result == 1
+    assert run(sandboxed, "return open('/proc/self/autogroup').read()").result.endswith("nice 0\n")
+
+
 def test_the_executor_survives_a_burst_of_hostile_attempts(executor):
     for code in ("while True: pass", "import os; os._exit(1)", "return object()", "x = 'y' * (1 << 40)"):
         run(executor, code, timeout_s=0.3)

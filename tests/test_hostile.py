@@ -45,7 +45,7 @@ def confined(hostile_stack) -> dict:
 
 PROBE = textwrap.dedent("""
         import os, resource, socket
-        seen = {"pid": os.getpid(), "uid": os.getuid(), "init": open("/proc/1/cmdline").read().replace("\\0", " "),
+        seen = {"pid": os.getpid(), "uid": os.getuid(), "init": "visible" if os.path.exists("/proc/1") else "hidden",
                 "interfaces": [name for _, name in socket.if_nameindex()],
                 "host_files": [p for p in ("/etc/shadow", "/root", "/home", "/var") if os.path.exists(p)],
                 "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0], "as": resource.getrlimit(resource.RLIMIT_AS)[0]}
@@ -60,8 +60,8 @@ PROBE = textwrap.dedent("""
 
 def require_confinement(seen: dict) -> None:
     problems = []
-    if seen["pid"] > 10 or "/sless/runner.py" not in seen["init"]:  # the attempt's own init (runner.py)
-        problems.append(f"no PID namespace (pid {seen['pid']}, init {seen['init']!r})")
+    if seen["pid"] > 10 or seen["init"] != "hidden":  # the attempt's own init, which its /proc does not show
+        problems.append(f"no PID namespace of its own (pid {seen['pid']}, PID 1 {seen['init']})")
     if seen["uid"] == 0:
         problems.append("runs as root")
     if seen["redis"] == "reachable" or seen["interfaces"] not in (["lo"], []):
@@ -177,10 +177,12 @@ PROGRAMS = [
                             "    except PermissionError:\n        pass\n"
                             "return 'SLESS_' in text or 'REDIS' in text or 'MONGO' in text", completed_with(False)),
     # the namespace's init is the attempt's own (runner.py), in a user namespace above the job's
-    ("proc_1_root", "import os\ntry:\n    return sorted(os.listdir('/proc/1/root'))\nexcept PermissionError:\n"
+    ("proc_1_root", "import os\ntry:\n    return sorted(os.listdir('/proc/1/root'))\nexcept OSError:\n"
                     "    return 'denied'", completed_with("denied")),
     # the attempt's init shares the fork server's memory (runner.py): its memory and descriptors stay closed
     ("proc_1_mem_write", attempt("f = open('/proc/1/mem', 'r+b')\nf.seek(4096)\nf.write(b'x')\nreturn 'escaped'"), refused),
+    ("proc_1_oom_score_adj", attempt("open('/proc/1/oom_score_adj', 'w').write('1000')\nreturn 'escaped'"), refused),
+    ("proc_1_clear_refs", attempt("open('/proc/1/clear_refs', 'w').write('1')\nreturn 'escaped'"), refused),
     ("proc_1_fd_open", attempt("import os\nfds = os.listdir('/proc/1/fd')\nreturn 'escaped ' + str([os.readlink('/proc/1/fd/' + n) for n in fds])"),
      refused),
     ("symlink_to_secret", attempt("import os\nos.symlink('/etc/shadow', '/work/s')\nreturn 'escaped: ' + open('/work/s').read()"), refused),
@@ -320,7 +322,7 @@ def test_nothing_leaks_from_one_job_to_the_next(hostile_stack, confined):
             "sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3], os.listdir('/work')]")
     for _ in range(3):  # two workers: each leaver is followed by a looker on either of them
         assert execute(hostile_stack, leave)["result"] == "left"
-        assert execute(hostile_stack, look)["result"] == [False, False, False, [1, 2], []]
+        assert execute(hostile_stack, look)["result"] == [False, False, False, [2], []]  # PID 1: hidden
 
 
 def test_a_listener_left_running_is_gone_for_the_next_job_on_the_same_worker(make_stack, confined):

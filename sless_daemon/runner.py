@@ -8,9 +8,9 @@ Per attempt (SOCK-style, USENIX ATC 2018): the server starts a new PID namespace
 PID 1 is an init that shares the server's memory and only waits (start_attempt), and
 forks the job into it as PID 2; the job starts a session of its own, enters new mount
 and IPC namespaces, mounts a fresh /proc (showing only its own processes), /work
-(size-capped tmpfs) and /dev/shm, enters a new user namespace where
-it is uid 65534 and owns none of those namespaces, drops every capability, takes the
-job's rlimits and seccomp filter, and only then reads its request from stdin. The
+(size-capped tmpfs) and /dev/shm, enters a new user namespace where it is uid 65534
+and owns none of those namespaces, drops every capability, takes the job's rlimits and
+seccomp filter, and only then reads its request from stdin. The
 network (loopback only) and UTS namespaces are the worker sandbox's, made by bubblewrap
 and shared by the attempts of that one worker, which run one after another: an attempt
 cannot configure them (its user namespace owns neither), and every process it started
@@ -112,9 +112,9 @@ def start_attempt(own_pid_ns) -> tuple[int, int]:
     without a handler sent from inside its namespace. Only SIGKILL, sent by this server
     once the job has ended (end_namespace), ends it, and with it every process left in
     the namespace. The job, PID 2, is a fork of this server; the /proc it mounts does
-    not show PID 1, whose address space is this server's. unshare(CLONE_NEWPID) only places the
-    server's next children in the new namespace and works once until setns() points
-    them back at the server's own. With `--plain`: no namespace, no init, one fork.
+    not show PID 1, whose address space is this server's. unshare(CLONE_NEWPID) only
+    places the server's next children in the new namespace and works once until setns()
+    points them back at the server's own. With `--plain`: no namespace, no init, one fork.
     """
     if own_pid_ns is None:
         return 0, os.fork()

@@ -70,6 +70,7 @@ _clone.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void
 _PAUSE = ctypes.cast(_libc.pause, ctypes.c_void_p)
 _INIT_STACK = ctypes.create_string_buffer(1 << 16)  # the init's stack: pause() needs little
 _INIT_STACK_TOP = (ctypes.addressof(_INIT_STACK) + len(_INIT_STACK)) & ~15
+_ALL_SIGNALS = signal.valid_signals()  # the init's mask, built once: it is set for every attempt
 
 
 def main() -> None:
@@ -144,7 +145,7 @@ def end_namespace(init: int) -> None:
 
 def _start_init() -> int:
     """Clone the namespace's init (see start_attempt): pause() on its own small stack."""
-    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, _ALL_SIGNALS)
     reaping = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # copied into the init's handler table only
     try:
         pid = _clone(_PAUSE, _INIT_STACK_TOP, CLONE_VM | CLONE_FILES | signal.SIGCHLD, None)

@@ -125,9 +125,7 @@ def test_children_do_not_outlive_the_attempt(sandboxed):
             "signal.signal(signal.SIGHUP, signal.SIG_IGN))\nreturn p.pid")
     assert run(executor, code).ok
     time.sleep(0.2)
-    survivors = subprocess.run(["pgrep", "-f", "sleep 37.5"], capture_output=True, text=True).stdout.split()
-    states = [open(f"/proc/{pid}/stat").read().split()[2] for pid in survivors if os.path.exists(f"/proc/{pid}")]
-    assert all(state == "Z" for state in states), f"the detached child outlived its attempt: {survivors}"
+    assert not living("sleep 37.5"), "the detached child outlived its attempt"
 
 
 def test_orphans_are_reaped_while_the_attempt_runs(sandboxed):
@@ -159,14 +157,25 @@ def test_a_child_cloned_beside_the_job_ends_with_it_and_the_server_goes_on(sandb
     assert run(sandboxed, code, timeout_s=5).result == "cloned"
     assert run(sandboxed, "return 'next'").result == "next"
     assert sandboxed.host.process.pid == server, "the fork server was replaced"
-    survivors = subprocess.run(["pgrep", "-f", "sleep 41.5"], capture_output=True, text=True).stdout.split()
-    assert not [pid for pid in survivors if open(f"/proc/{pid}/stat").read().split()[2] != "Z"], survivors
+    assert not living("sleep 41.5"), "the cloned child outlived its attempt"
 
 
 def test_no_scheduler_priority_crosses_attempts(sandboxed):
     """Each attempt is a session of its own: a job that lowers its autogroup's priority lowers only its own."""
     assert run(sandboxed, "open('/proc/self/autogroup', 'w').write('19')\nreturn 1").result == 1
     assert run(sandboxed, "return open('/proc/self/autogroup').read()").result.endswith("nice 0\n")
+
+
+def living(command_line: str) -> list[str]:
+    """Pids of processes whose command line matches, zombies (dead, not yet reaped) left out."""
+    found = subprocess.run(["pgrep", "-f", command_line], capture_output=True, text=True).stdout.split()
+    states = {}
+    for pid in found:
+        try:
+            states[pid] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            pass  # gone meanwhile
+    return [pid for pid, state in states.items() if state != "Z"]
 
 
 def test_the_executor_survives_a_burst_of_hostile_attempts(executor):

@@ -60,7 +60,7 @@ def run_pool(log_dir: Path, jobs: int, minimum: int, maximum: int, autoscale: bo
         sampler.start()
         started = time.monotonic()
         submitted = compare.submitted_or_fail(compare.run_clients(stack.url, tasks.SLESS_CODE["double"], jobs))
-        compare.wait_for_count(lambda: compare.sless_terminal(stack, jobs), jobs, 0.2,
+        compare.wait_for_count(lambda: compare.sless_terminal(stack), jobs, 0.2,
                                lambda: stack.pool.poll() is None, "autoscale")
         drained = time.monotonic()
         if autoscale:

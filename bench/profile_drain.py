@@ -1,6 +1,6 @@
 """Profile (not a test): where the time of a draining sless worker goes.
 
-    python3 bench/profile_drain.py [--jobs 1000] [--workers 1] [--spy]
+    python3 bench/profile_drain.py [--jobs 1000] [--workers 1] [--spy] [--set claim_hold_s=0 ...]
 
 Submits `--jobs` `return input * 2` jobs with no worker running, starts the pool, and
 waits until all are recorded (counting cheaply, as bench/compare.py does). Prints
@@ -60,6 +60,14 @@ def cpu_by_command(before: dict, after: dict) -> collections.Counter:
     return collections.Counter({k: v / os.sysconf("SC_CLK_TCK") for k, v in spent.items() if v})
 
 
+def mongo_commands(stack: Stack) -> collections.Counter:
+    """How many of each command the MongoDB server ran so far (FerretDB's serverStatus counters)."""
+    import pymongo
+
+    status = pymongo.MongoClient(stack.env["SLESS_MONGO_URL"]).admin.command("serverStatus")
+    return collections.Counter({name: c["total"] for name, c in status.get("metrics", {}).get("commands", {}).items()})
+
+
 def top_frames(raw: Path, count: int = 30) -> list[tuple[float, str]]:
     """Inclusive share of samples per function, from py-spy's raw (collapsed) output."""
     total, inclusive = 0, collections.Counter()
@@ -76,14 +84,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--spy", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of the stack (settings.py field), e.g. claim_hold_s=0 to compare")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="sless-profile-"))
-    stack = Stack(logs, workers=0).start()
+    stack = Stack(logs, workers=0, **dict(item.split("=", 1) for item in args.set)).start()
     try:
         session = requests.Session()
         for i in range(args.jobs):
             session.post(stack.url + "/submit", json={"code": "return input * 2", "input": i}).raise_for_status()
         stack.workers = args.workers
+        commands_before = mongo_commands(stack)
         before, started = cpu_table(), time.monotonic()
         stack.start_pool()
         spy = None
@@ -91,7 +102,7 @@ def main() -> None:
             spy = subprocess.Popen(["py-spy", "record", "-p", str(stack.worker_pids()[0]), "-d", str(SPY_SECONDS),
                                     "-r", "200", "-f", "raw", "-o", str(logs / "worker.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        compare.wait_for_count(lambda: compare.sless_terminal(stack, args.jobs), args.jobs, 0.2,
+        compare.wait_for_count(lambda: compare.sless_terminal(stack), args.jobs, 0.2,
                                lambda: stack.pool.poll() is None, "sless")
         elapsed = time.monotonic() - started
         spent = cpu_by_command(before, cpu_table())
@@ -100,6 +111,9 @@ def main() -> None:
               f"CPU per job {total_ms:.2f} ms, of which:")
         for command, seconds in spent.most_common(6):
             print(f"  {seconds * 1000 / args.jobs:6.2f} ms  {command}")
+        made = mongo_commands(stack) - commands_before
+        print("MongoDB commands per job (the drain's own counting included): " +
+              ", ".join(f"{name} {count / args.jobs:.2f}" for name, count in made.most_common(6)))
         if spy:
             spy.wait()
             for share, name in top_frames(logs / "worker.txt"):

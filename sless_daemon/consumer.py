@@ -44,14 +44,13 @@ import rq
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
-from .queue import JobQueue
+from .queue import HANDLED_TTL_S, JobQueue
 
 log = logging.getLogger(__name__)
 
 DEQUEUE_WAIT_S = 1  # how long one blocking pop waits: the loop sees a stop request this often
 HEARTBEAT_S = 30.0
 REDIS_RETRY_S = 1.0
-HANDLED_TTL_S = 600  # a handled message stays this long, so the orphan scan can tell it was handled
 
 # KEYS: the queue, RQ's intermediate list, the queue's set of taken messages (queue.TAKEN_KEY).
 # ARGV: RQ's job hash prefix, started_at, worker name, the id BLMOVE parked in the intermediate
@@ -95,9 +94,11 @@ def message_payload(data: bytes) -> dict:
 class Consumer:
     """Feeds each message's payload to `handle`, one at a time, until told to stop."""
 
-    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict], None],
+    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict], bool],
                  idle: Callable[[], None] = lambda: None):
-        """`idle` is called whenever the queue is found empty, before waiting for a message."""
+        """`handle` returns False when it marks the message finished itself later (once the
+        attempt's record is written: worker.AttemptRunner); `idle` is called whenever the
+        queue is found empty, before waiting for a message."""
         self.queue = queue
         self.connection = queue.connection
         self.handle = handle
@@ -146,12 +147,12 @@ class Consumer:
             log.warning("message %s has no payload any more (expired or deleted); skipped", message_id)
             return
         try:
-            self.handle(message_payload(data))
+            handled = self.handle(message_payload(data))
         except Exception:  # noqa: BLE001 - a bad message must not stop the loop; the sweep re-sends what waits
             log.exception("message %s could not be handled", message_id)
             self._mark(message_id, "failed")
         else:
-            self.handled = message_id
+            self.handled = message_id if handled else ""
 
     def next_message(self) -> tuple[str, bytes | None] | None:
         """(id, payload) of the next message, marked started; waits up to DEQUEUE_WAIT_S for one."""
@@ -179,15 +180,10 @@ class Consumer:
                 log.warning("heartbeat to Redis failed: %s", e)
 
     def _mark(self, message_id: str, status: str) -> None:
-        """Mark a handled message and let it expire after HANDLED_TTL_S; a finished one is no
-        longer among the taken (a failed one stays, for the sweep to send again)."""
-        key = rq.job.Job.redis_job_namespace_prefix + message_id
+        """Mark a handled message (queue.mark_handled) on its own."""
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                pipe.hset(key, "status", status)
-                pipe.expire(key, HANDLED_TTL_S)
-                if status == "finished":
-                    pipe.zrem(self.queue.taken_key, message_id)
+                self.queue.mark_handled(pipe, message_id, status)
                 pipe.execute()
         except redis.RedisError as e:
             log.warning("could not mark message %s %s: %s", message_id, status, e)

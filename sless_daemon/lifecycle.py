@@ -11,17 +11,17 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from .errors import BadRequest, DependencyDown
 from .feed import Feed
 from .outcome import AttemptOutcome, failed
-from .queue import JobQueue
+from .queue import JobQueue, message_id
 from .settings import Settings
 from .spec import JobSpec
 from .states import ErrorType, JobState
-from .store import OutcomeStore, settle_event
+from .store import OutcomeStore, settle_event, step_event
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Decision:
 
     retry: bool
     delay_s: float = 0.0
+    recorded: bool = True  # False: this outcome was discarded (settled or claimed elsewhere first)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Settlement:
     changes: dict
     error: dict | None
     decision: Decision
+    claim: dict | None = None  # the attempt's claim event, when it goes in with the settle
 
 
 def _decision_of(event: dict) -> Decision:
@@ -162,13 +164,15 @@ class Lifecycle:
         """
         return self.finish_many([(job, outcome, timings)])[0]
 
-    def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]],
-                    drop_leases: bool = True) -> list[Decision]:
+    def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]], drop_leases: bool = True,
+                    claims: list[bool] | None = None) -> list[Decision]:
         """Record several attempts' outcomes at once (one insert for all: a worker's recorder
         writes whatever finished while it was writing the last batch). A worker drops the
-        leases itself later, many at once (`drop_leases=False`, worker.Recorder)."""
+        leases itself later, many at once (`drop_leases=False`, worker.Recorder). `claims`
+        (parallel to `finished`) marks the attempts that ended before their claim was
+        written: the claim goes in just before the settle (`store.settle_many`)."""
         settlements = []
-        for job, outcome, timings in finished:
+        for (job, outcome, timings), claim in zip(finished, claims or [False] * len(finished)):
             fields = {
                 "stdout": outcome.stdout, "stderr": outcome.stderr, "duration_ms": outcome.duration_ms,
                 "finished_at": utcnow(), "worker": self.owner, "started_at": job.get("started_at"),
@@ -177,9 +181,13 @@ class Lifecycle:
             if outcome.ok:
                 changes = {**fields, "state": JobState.COMPLETED.value, "result_json": json.dumps(outcome.result),
                            "error": None}
-                settlements.append(Settlement(job, changes, None, Decision(False)))
+                settlement = Settlement(job, changes, None, Decision(False))
             else:
-                settlements.append(self._failure(job, outcome.error, fields))
+                settlement = self._failure(job, outcome.error, fields)
+            if claim:
+                settlement = replace(settlement, claim=step_event(job["_id"], job["attempts"], "claim", self.owner,
+                                                                  at=job["started_at"]))
+            settlements.append(settlement)
         return self._settle(settlements, drop_leases)
 
     def fail(self, job: dict, error: dict, fields: dict) -> Decision:
@@ -233,31 +241,38 @@ class Lifecycle:
         of those that stand, drop the leases.
 
         An attempt somebody else settled first (a sweeper that gave up on this worker)
-        keeps that outcome: this one is discarded, logged, and its decision is no retry.
+        keeps that outcome: this one is discarded, logged, and its decision is no retry;
+        so is one whose claim, written with its settle, was taken before (a duplicate).
         An attempt this owner settled before (its earlier try failed after the insert)
         keeps that stored outcome, which was announced then: its retry, if it is one, is
         scheduled again (idempotent) and nothing is announced twice.
         """
         events = [settle_event(s.job["_id"], s.job["attempts"], s.changes, s.error, self.owner) for s in settlements]
-        standing = self.store.settle_many(events, self.owner)
+        standing = self.store.settle_many(events, self.owner, [s.claim for s in settlements])
+        # an attempt whose claim came with its settle has its message marked finished only now
+        handled = [message_id(s.job["_id"], s.job["attempts"] - 1) for s in settlements if s.claim]
         try:  # first: whoever waits for these jobs needs nothing below
-            self.queue.announce_settled([event for event in standing if event is not None and not event.get("again")])
+            self.queue.announce_settled([event for event in standing if event and not event.get("again")], handled)
         except DependencyDown as e:  # the record is written; waiters fall back to reading it
             log.warning("could not announce recorded attempts (%s)", e)
         decisions = []
         for settlement, event in zip(settlements, standing):
             job = settlement.job
-            if event is None:
+            if event is False:
+                log.info("job %s: attempt %d was taken before (a duplicate message); its run here is discarded",
+                         job["_id"], job["attempts"])
+            elif event is None:
                 log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
                             job["_id"], job["attempts"])
-                decisions.append(Decision(False))
+            if not event:
+                decisions.append(Decision(False, recorded=False))
                 continue
             decision = _decision_of(event) if event.get("again") else settlement.decision
             if decision.retry:
                 self.store.schedule_retry(job["_id"], job["attempts"], event["retry_at"])
             decisions.append(decision)
         if drop_leases:
-            self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements])
+            self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements if not s.claim])
         return decisions
 
     def reopen(self, job_id: str) -> dict:

@@ -27,7 +27,7 @@ HISTOGRAMS = {
     # name: (help, buckets in seconds)
     "duration": ("Wall time of each attempt, from its sandbox taking the request to its end.",
                  (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)),
-    "queue_wait": ("Time from enqueue to a worker claiming the attempt.",
+    "queue_wait": ("Time from enqueue to a worker taking the message.",
                    (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120, 600)),
     "sandbox_start": ("Time to have an attempt's sandbox made by the fork server (ahead of the job when spare).",
                       (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
@@ -41,8 +41,8 @@ def observations(event: dict) -> dict[str, float]:
     seen = {}
     if changes.get("duration_ms") is not None:
         seen["duration"] = changes["duration_ms"] / 1000
-    if timings.get("enqueued_at") and timings.get("claimed_at"):
-        seen["queue_wait"] = max(0.0, timings["claimed_at"] - timings["enqueued_at"])
+    if timings.get("enqueued_at") and timings.get("dequeued_at"):
+        seen["queue_wait"] = max(0.0, timings["dequeued_at"] - timings["enqueued_at"])
     if timings.get("sandbox_start_ms") is not None:
         seen["sandbox_start"] = timings["sandbox_start_ms"] / 1000
     return seen

@@ -31,6 +31,7 @@ SETTLED_TTL_S = 60  # a waiter is usually blocked on the list already; nobody el
 ANNOUNCED_EVENT_MAX_BYTES = 4096
 EVENT_CODEC = CodecOptions(tz_aware=True, tzinfo=timezone.utc)  # announced events are BSON, as stored
 TAKEN_KEY = "sless:taken:"  # + queue name: a sorted set of messages taken by workers and not yet handled, by time
+HANDLED_TTL_S = 600  # a handled message stays this long, so the orphan scan can tell it was handled
 CANCEL_KEY = "sless:cancel:"  # + job id: the attempt to cancel (lifecycle.cancel), read by its worker
 CANCEL_TTL_S = 24 * 3600
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
@@ -107,9 +108,11 @@ class JobQueue:
         )
 
     @redis_call
-    def announce_settled(self, events: list[dict]) -> None:
+    def announce_settled(self, events: list[dict], handled: list[str] = ()) -> None:
         """Wake whoever waits for these jobs with the settle events just recorded
-        (store.settle_event), so they need not read them back from MongoDB.
+        (store.settle_event), so they need not read them back from MongoDB; and mark the
+        `handled` messages finished (`mark_handled`), those whose attempts' records
+        were written only now (worker.AttemptRunner).
 
         An event larger than ANNOUNCED_EVENT_MAX_BYTES (a big result or output) is
         announced without its outcome, and its waiter reads the record: every job is
@@ -117,9 +120,11 @@ class JobQueue:
         appends the new state to the job's feed (feed.py) and counts the attempt for
         `GET /metrics` (metrics.py).
         """
-        if not events:
+        if not events and not handled:
             return
         with self.connection.pipeline(transaction=False) as pipe:
+            for message in handled:
+                self.mark_handled(pipe, message, "finished")
             for event in events:
                 data = bson.encode(event)
                 if len(data) > ANNOUNCED_EVENT_MAX_BYTES:
@@ -129,6 +134,15 @@ class JobQueue:
                 feed.append(pipe, event["job_id"], feed.state_entry(event["attempt"], event["state"]))
                 count_settled(pipe, self.name, event)
             pipe.execute()
+
+    def mark_handled(self, pipe, message: str, status: str) -> None:
+        """Queue on `pipe`: mark a message handled and let it expire after HANDLED_TTL_S; a
+        finished one is no longer among the taken (a failed one stays, for the sweep to send again)."""
+        key = rq.job.Job.redis_job_namespace_prefix + message
+        pipe.hset(key, "status", status)
+        pipe.expire(key, HANDLED_TTL_S)
+        if status == "finished":
+            pipe.zrem(self.taken_key, message)
 
     @redis_call
     def wait_settled(self, job_id: str, timeout_s: float) -> dict | None:

@@ -8,8 +8,9 @@
   time, with result, error and output), `enqueue` (a sweeper enqueued its retry),
   `reopen` (a failed job retried by hand).
 - `leases`: the attempts running now, one per attempt under a unique `_id`: inserting
-  it is how a worker claims the attempt; its heartbeat renews it; it is dropped once
-  the attempt is settled.
+  it is how a worker starts claiming the attempt; its heartbeat renews it; it is dropped
+  once the attempt is settled. A quiet attempt that ends within the claim hold has none:
+  its claim goes in with its settle (`settle_many`).
 - `retries`: the retries waiting for their time.
 
 A job's state is derived from its events (`derive`); `get` returns the job as of now.
@@ -115,12 +116,17 @@ def derive(job: dict, events: list[dict], leases: list[dict]) -> dict:
     return now
 
 
+def step_event(job_id: str, attempt: int, step: str, owner: str, **fields) -> dict:
+    """The event `<job>/<attempt>/<step>`, taken by `owner` (a unique `_id`: one process wins)."""
+    return {"_id": guard_key(job_id, attempt, step), "owner": owner, "job_id": job_id, "attempt": attempt,
+            "step": step, **fields}
+
+
 def settle_event(job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> dict:
     """The event that ends an attempt: its state and retry time, the rest of its changes, its error."""
     rest = {k: v for k, v in changes.items() if k not in ("state", "retry_at")}
-    return {"_id": guard_key(job_id, attempt, "settle"), "owner": owner, "job_id": job_id, "attempt": attempt,
-            "step": "settle", "state": changes["state"], "retry_at": changes.get("retry_at"), "changes": rest,
-            "error": error}
+    return step_event(job_id, attempt, "settle", owner, state=changes["state"], retry_at=changes.get("retry_at"),
+                      changes=rest, error=error)
 
 
 class OutcomeStore:
@@ -266,26 +272,47 @@ class OutcomeStore:
         return list(self.leases.find({"worker": {"$in": workers}}, {"worker": 1}))
 
     @mongo_call
-    def settle_many(self, events: list[dict], owner: str) -> list[dict | None]:
-        """End attempts with their settle events (`settle_event`), in one insert; for each,
-        the event that stands for this owner, or None if somebody else settled it first.
+    def settle_many(self, events: list[dict], owner: str, claims: list[dict | None] | None = None) -> list:
+        """End attempts with their settle events (`settle_event`), in one ordered insert; for
+        each, the event that stands for this owner, None if somebody else settled it first,
+        or False if somebody else claimed it: this owner's run of it never counted.
+
+        `claims` (parallel to `events`: a claim `step_event`, or None) are claims that go in just
+        before their settle, for an attempt that ended before its claim was written (see
+        worker.AttemptRunner): an ordered insert stops at a claim taken before, so that
+        attempt's settle is never written, and goes on from the next attempt.
 
         Whoever settles an attempt first wins: the worker reporting its outcome, or a
         sweeper that found its worker gone; a stale attempt can never overwrite what a
         later attempt wrote, since every attempt has its own event. An owner that finds
         its own event (an earlier try went through, and what followed it failed) gets
         that stored event back, marked `"again": True`: it, not the one built now, is
-        the outcome, and it was announced before.
+        the outcome, and it was announced before. Its own claim found so lets its settle go on.
         """
-        try:
-            self.events.insert_many([dict(event) for event in events], ordered=False)
-            return list(events)
-        except BulkWriteError as e:
-            taken = {error["index"] for error in e.details.get("writeErrors", []) if error.get("code") == DUPLICATE_KEY}
-            others = {error["index"] for error in e.details.get("writeErrors", [])} - taken
-            if others:
-                raise
-        return [event if i not in taken else self._own_event(event["_id"], owner) for i, event in enumerate(events)]
+        claims = claims or [None] * len(events)
+        documents = [(i, document) for i, (event, claim) in enumerate(zip(events, claims))
+                     for document in ([claim] if claim else []) + [event]]
+        standing: list = list(events)
+        start = 0
+        while start < len(documents):
+            try:
+                self.events.insert_many([dict(document) for _, document in documents[start:]], ordered=True)
+                break
+            except BulkWriteError as e:
+                errors = e.details.get("writeErrors") or [{}]
+                if errors[0].get("code") != DUPLICATE_KEY:
+                    raise
+                error = errors[0]
+                start += error["index"]
+                i, document = documents[start]
+                own = self._own_event(document["_id"], owner)
+                if document["step"] == "settle":
+                    standing[i] = own
+                elif own is None:  # claimed elsewhere: skip this attempt's settle
+                    standing[i] = False
+                    start += 1
+                start += 1
+        return standing
 
     def settle(self, job_id: str, attempt: int, changes: dict, error: dict | None, owner: str) -> dict | None:
         """End one attempt (see `settle_many`)."""
@@ -336,8 +363,7 @@ class OutcomeStore:
         """Insert the event `<job>/<attempt>/<step>`; False if it exists (a unique `_id`
         lets exactly one process take each step)."""
         try:
-            self.events.insert_one({"_id": guard_key(job_id, attempt, step), "owner": owner, "job_id": job_id,
-                                    "attempt": attempt, "step": step, **fields})
+            self.events.insert_one(step_event(job_id, attempt, step, owner, **fields))
             return True
         except DuplicateKeyError:
             return False

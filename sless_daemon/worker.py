@@ -42,6 +42,7 @@ SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning
 WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
 CANCEL_CHECK_BACKOFF_S = 30.0
+WITH_SETTLE = "with settle"  # the claim's result for such an attempt
 
 
 def run_job(message: dict) -> None:
@@ -60,15 +61,25 @@ def spec_from_job(job: dict) -> JobSpec:
 class AttemptRunner:
     """Claims, executes and records one attempt at a time.
 
-    The claim (two MongoDB inserts, about 2 ms) is written from a thread of its own
-    while the attempt already runs, off the path from message to outcome. That is safe
-    because nothing an attempt does is seen outside its sandbox (no network, a private
-    filesystem, nothing shared with the next attempt) until this worker publishes it,
-    and the worker publishes nothing of it (output, "running", outcome) before its claim
-    stands. An attempt whose claim fails (a duplicate message, or MongoDB refusing) is
-    stopped at its next check (AttemptWatch.interval_s) and its outcome discarded, as
-    if it had never run. Without a sandbox (`--insecure-no-sandbox`) code can reach the
-    world, so there the claim is written first.
+    The claim is written from a thread of its own while the attempt already runs, off
+    the path from message to outcome. That is safe because nothing an attempt does is
+    seen outside its sandbox (no network, a private filesystem, nothing shared with the
+    next attempt) until this worker publishes it, and the worker publishes nothing of it
+    (output, "running", outcome) before its claim stands. An attempt whose claim fails
+    (a duplicate message, a cancel that fenced it first, or MongoDB refusing) is stopped
+    at its next check (AttemptWatch.interval_s) and its outcome discarded, as if it had
+    never run.
+
+    Most attempts are short, so the claimer first waits up to `claim_hold_s` for the
+    attempt to end. One that ends within it and wrote nothing has no lease: its claim
+    goes into MongoDB with its settle, in one ordered insert that stops at a claim taken
+    before (store.settle_many), and its message is marked finished only once that is
+    written, so a worker that dies first leaves it to the recovery sweep, as a message
+    taken and never claimed. Such a job costs MongoDB one write instead of three (the
+    lease, the claim, the settle; and the lease's delete) and its outcome waits for no
+    other. An attempt that runs on, or has output to publish, gets its lease, then its
+    claim event, as before. Without a sandbox (`--insecure-no-sandbox`) code can reach
+    the world, so there the claim is written first.
     """
 
     def __init__(self, lifecycle: Lifecycle, executor: Executor, worker_name: str):
@@ -79,7 +90,9 @@ class AttemptRunner:
         self.recorder = Recorder(self)
         self.claims = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="claim")
 
-    def run(self, message: dict) -> None:
+    def run(self, message: dict) -> bool:
+        """Run the attempt a message carries. True: the consumer may mark the message
+        finished now; False: the recorder does, once the claim and settle are written."""
         timings = {"enqueued_at": message.get("enqueued_at"), "dequeued_at": time.time()}
         job = self.lifecycle.attempt_of(message)
         fields = {"job_id": job["_id"], "attempt": job["attempts"], "worker": self.worker_name}
@@ -87,33 +100,45 @@ class AttemptRunner:
             spec = spec_from_job(job)
         except Exception as e:  # noqa: BLE001 - a message this worker cannot read fails its attempt, once
             self.fail_unreadable(job, e, timings, fields)
-            return
-        claim = self.claims.submit(self.claim, job, spec, timings, fields)
-        if self.executor.sandbox is None and not claim.result():  # no sandbox (--insecure): claim first
+            return True
+        hold = ClaimHold() if self.executor.sandbox is not None else None  # no sandbox (--insecure): claim first
+        claim = self.claims.submit(self.claim, job, spec, timings, fields, hold)
+        if hold is None and not claim.result():
             log_duplicate(job, fields)
-            return
+            return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
         watch = AttemptWatch(self.lifecycle, job["_id"], job["attempts"], self.worker_name, claim)
+        quiet = False
         try:
             outcome = self.execute(spec, context, watch)
-            if not claim.result():  # MongoDB refusing raises: the consumer leaves the message to the sweep
+            quiet = watch.quiet()
+        finally:
+            if hold is not None:
+                hold.end(quiet)
+        try:
+            claimed = claim.result()  # MongoDB refusing raises: the consumer leaves the message to the sweep
+            if not claimed:
                 log_duplicate(job, fields)
-                return
+                return True
+            with_settle = claimed is WITH_SETTLE
             try:
                 watch.done()  # what it held back while the claim was being written
             finally:
-                self.recorder.submit(Finished(job, outcome, timings, fields))  # it holds the lease: always
+                self.recorder.submit(Finished(job, outcome, timings, fields, with_settle))  # always: it holds the lease
+            return not with_settle
         finally:
             self.executor.prepare()
 
-    def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict) -> bool:
-        """Claim the attempt (in the claimer thread); once it stands, renew its lease."""
+    def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict, hold: ClaimHold | None) -> bool | str:
+        """Claim the attempt (in the claimer thread): WITH_SETTLE for a quiet attempt that
+        ended within the hold; else its lease and claim event, then renew the lease."""
+        if hold is not None and hold.wait(self.lifecycle.settings.claim_hold_s):
+            return WITH_SETTLE
         if not self.lifecycle.claim(job):
             return False
         timings["claimed_at"] = time.time()
-        log.info("job %s started, attempt %d/%d, input %s", job["_id"], job["attempts"], spec.max_attempts,
-                 summarize(spec.input), extra=fields)
+        log_started(job, spec, fields)
         self.leases.hold(job)
         return True
 
@@ -142,7 +167,8 @@ class AttemptRunner:
         """Write outcomes, retrying while MongoDB is away: a finished attempt is never dropped.
         Their leases stay (see Recorder) and are no longer renewed."""
         return persist(lambda: self.lifecycle.finish_many([(f.job, f.outcome, f.timings) for f in finished],
-                                                          drop_leases=False), f"record {len(finished)} outcomes")
+                                                          drop_leases=False, claims=[f.with_claim for f in finished]),
+                       f"record {len(finished)} outcomes")
 
 
 def persist(write, what: str):
@@ -165,6 +191,23 @@ class Finished:
     outcome: AttemptOutcome
     timings: dict
     fields: dict
+    with_claim: bool = False  # it has no lease: its claim goes in with its settle (AttemptRunner)
+
+
+class ClaimHold:
+    """How the runner tells its claimer that the attempt ended, and whether quietly."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+        self.quiet = False
+
+    def end(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.ended.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Whether the attempt ended quietly within `seconds`."""
+        return self.ended.wait(seconds) and self.quiet
 
 
 class Recorder:
@@ -246,10 +289,15 @@ class Recorder:
         """Write these outcomes in one insert; their leases are no longer renewed."""
         try:
             for finished, decision in zip(batch, self.runner.record(batch)):
-                log_outcome(finished.job, finished.outcome, decision, finished.fields)
-            with self.lock:
-                self.settled.extend((f.job["_id"], f.job["attempts"]) for f in batch)
-                self.drop_at = min(self.drop_at, time.monotonic() + self.DROP_AFTER_S)
+                if decision.recorded:
+                    if finished.with_claim:  # claimed only now
+                        log_started(finished.job, spec_from_job(finished.job), finished.fields)
+                    log_outcome(finished.job, finished.outcome, decision, finished.fields)
+            leased = [(f.job["_id"], f.job["attempts"]) for f in batch if not f.with_claim]
+            if leased:
+                with self.lock:
+                    self.settled.extend(leased)
+                    self.drop_at = min(self.drop_at, time.monotonic() + self.DROP_AFTER_S)
         finally:
             for finished in batch:
                 self.runner.leases.release(finished.job)
@@ -298,20 +346,26 @@ class AttemptWatch(Watch):
         self.output_feed = OutputFeed(lifecycle.feed, job_id, attempt)
         self.next_check = time.monotonic() + self.interval_s
         self.told = False
+        self.wrote = False
 
     def claimed(self) -> bool:
-        return self.claim.done() and self.claim.exception() is None and self.claim.result()
+        """Whether the claim stands (not one that goes in with the settle: that attempt has ended)."""
+        return self.claim.done() and self.claim.exception() is None and self.claim.result() is True
+
+    def quiet(self) -> bool:
+        """Whether nothing of the attempt is waiting to be published (its claim may then wait for its settle)."""
+        return not self.wrote and not self.told
 
     def output(self, stream: str, data: bytes) -> None:
+        self.wrote = True
         self.output_feed.add(stream, data)
         if self.claimed():
-            self.tell_running()
-            self.output_feed.flush()
+            self.publish()
 
     def cancelled(self) -> bool:
         if not self.claimed():
             return self.claim.done()  # taken before, or not written: this run will be discarded
-        self.output_feed.flush()  # what a quiet job wrote last still goes out within a flush period
+        self.publish()  # what a quiet job wrote last still goes out within a flush period
         now = time.monotonic()
         if now < self.next_check:
             return False
@@ -326,11 +380,14 @@ class AttemptWatch(Watch):
     def done(self) -> None:
         """Publish what is left once the claim stands (called at the pipes' end, and again
         by the runner after the claim, for an attempt that ended before it)."""
-        if not self.claimed():
-            return
-        if self.output_feed.pending:
+        if self.claimed():
+            self.publish(final=True)
+
+    def publish(self, final: bool = False) -> None:
+        """Flush the output feed, "running" first once the attempt wrote anything."""
+        if self.wrote:
             self.tell_running()
-        self.output_feed.flush(final=True)
+        self.output_feed.flush(final)
 
     def tell_running(self) -> None:
         """Put "running" in the job's feed, once, before anything else of this attempt."""
@@ -375,6 +432,11 @@ class LeaseKeeper:
                     self.lifecycle.renew(job)
                 except Exception as e:  # noqa: BLE001 - one failed renewal must not end the others'
                     log.warning("job %s: cannot renew the lease (%s)", job["_id"], e)
+
+
+def log_started(job: dict, spec: JobSpec, fields: dict) -> None:
+    log.info("job %s started, attempt %d/%d, input %s", job["_id"], job["attempts"], spec.max_attempts,
+             summarize(spec.input), extra=fields)
 
 
 def log_duplicate(job: dict, fields: dict) -> None:

@@ -230,6 +230,47 @@ def test_outcomes_recorded_together_each_win_or_lose_on_their_own(lifecycle):
     assert lifecycle.store.leases.count_documents({}) == 0
 
 
+def test_claims_written_with_their_settles_each_win_or_lose_on_their_own(lifecycle):
+    """Attempts that ended before their claim was written (worker.AttemptRunner) go in as
+    claim-then-settle in one ordered insert: one whose attempt another worker claimed first
+    (a duplicate message) is discarded, its settle never written, and the others stand."""
+    ids = [lifecycle.accept(SPEC) for _ in range(3)]
+    jobs = [lifecycle.attempt_of(message(lifecycle, job_id)) for job_id in ids]
+    assert other_worker(lifecycle, "other").start(message(lifecycle, ids[1])) is not None  # runs it there
+    decisions = lifecycle.finish_many([(job, AttemptOutcome(result=i, duration_ms=1.0), None)
+                                       for i, job in enumerate(jobs)], claims=[True] * 3)
+    assert [d.recorded for d in decisions] == [True, False, True]
+    docs = [lifecycle.store.get(job_id) for job_id in ids]
+    assert [d["state"] for d in docs] == ["completed", "running", "completed"]
+    assert docs[0]["result_json"] == "0" and docs[1]["result_json"] is None and docs[2]["result_json"] == "2"
+    assert [lifecycle.store.claimed_by(job_id, 1) for job_id in ids] == ["test", "other", "test"]
+    assert [lease["job_id"] for lease in lifecycle.store.leases.find({})] == [ids[1]]
+
+
+def test_a_cancel_before_the_claim_wins_over_an_attempt_that_ended_meanwhile(lifecycle):
+    """A job whose attempt runs with its claim held back looks waiting: a cancel fences it,
+    and the attempt's outcome, written later with its claim, is discarded."""
+    job_id = lifecycle.accept(SPEC)
+    job = lifecycle.attempt_of(message(lifecycle, job_id))
+    assert lifecycle.cancel(job_id)[1]
+    assert not lifecycle.finish_many([(job, AttemptOutcome(result=1), None)], claims=[True])[0].recorded
+    assert lifecycle.store.get(job_id)["state"] == "cancelled"
+
+
+def test_a_claim_with_settle_written_again_finds_its_own_claim(lifecycle):
+    """The answer to a claim-and-settle insert was lost and the recorder writes it again: its
+    own claim lets its settle go in; if that went in too, the stored outcome stands."""
+    first, second = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
+    halfway = lifecycle.attempt_of(message(lifecycle, first))
+    lifecycle.store.fence(first, 1, lifecycle.owner)  # only the claim went in
+    assert lifecycle.finish_many([(halfway, AttemptOutcome(result="a"), None)], claims=[True])[0].recorded
+    assert lifecycle.store.get(first)["result_json"] == '"a"'
+    whole = lifecycle.attempt_of(message(lifecycle, second))
+    lifecycle.finish_many([(whole, AttemptOutcome(result="b"), None)], claims=[True])
+    again = lifecycle.finish_many([(whole, AttemptOutcome(result="c"), None)], claims=[True])[0]
+    assert again.recorded and lifecycle.store.get(second)["result_json"] == '"b"'
+
+
 def test_a_withdrawn_job_never_runs_even_if_its_message_got_through(lifecycle):
     """The enqueue reached Redis but its answer was lost: the caller got a 503, so no worker may run it."""
     job_id = lifecycle.accept(SPEC)
@@ -367,11 +408,28 @@ def test_a_handled_message_leaves_the_taken_set(lifecycle):
 
     lifecycle.accept(SPEC)
     handled = []
-    consumer = Consumer(lifecycle.queue, "w", handled.append)
+    consumer = Consumer(lifecycle.queue, "w", lambda payload: handled.append(payload) or True)
     consumer.take_one()
     assert len(handled) == 1 and len(lifecycle.queue.taken_before(float("inf"))) == 1
     consumer.take_one()  # the next take (the queue is empty: it waits a second) marks the last finished
     assert lifecycle.queue.taken_before(float("inf")) == []
+
+
+def test_a_message_whose_record_is_written_later_stays_taken_until_then(lifecycle):
+    """A handler that answers False (an attempt whose claim goes in with its settle) leaves
+    the message taken, for the sweep, until the settle's announcement marks it finished."""
+    from sless_daemon.consumer import Consumer
+
+    job_id = lifecycle.accept(SPEC)
+    consumer = Consumer(lifecycle.queue, "w", lambda payload: False)
+    consumer.take_one()
+    consumer.take_one()  # the next take marks nothing
+    assert lifecycle.queue.taken_before(float("inf")) == [message_id(job_id, 0)]
+    job = lifecycle.attempt_of(message(lifecycle, job_id))
+    lifecycle.finish_many([(job, AttemptOutcome(result=1, duration_ms=1.0), None)], claims=[True])
+    assert lifecycle.queue.taken_before(float("inf")) == []
+    assert lifecycle.store.claimed_by(job_id, 1) == lifecycle.owner
+    assert lifecycle.store.get(job_id)["state"] == "completed"
 
 
 def test_a_parked_message_is_sent_again_once_and_then_left_alone(lifecycle):

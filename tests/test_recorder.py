@@ -28,7 +28,7 @@ class Runner:
                 self.fail_records -= 1
                 raise RuntimeError("record refused")
             self.recorded += [f.job["_id"] for f in batch]
-        return [SimpleNamespace(retry=False) for _ in batch]
+        return [SimpleNamespace(retry=False, recorded=True) for _ in batch]
 
     def drop_leases(self, attempts):
         with self.lock:

@@ -140,3 +140,29 @@ def test_a_poison_job_never_stops_the_worker(make_stack):
         assert s.wait_terminal(s.submit({"code": code, "retries": 0}))["state"] == "failed"
     assert s.wait_terminal(s.submit({"code": "return 'alive'"}))["result"] == "alive"
     assert s.worker_pids() == pid_before
+
+
+def test_an_outcome_lost_with_its_worker_before_its_claim_was_written_is_run_again(make_stack, private_mongo):
+    """A quiet attempt that ends within the claim hold has no lease: its claim goes in with its
+    settle (worker.AttemptRunner), and its message stays taken until that is written. Here
+    MongoDB hangs (SIGSTOP) while the outcome waits, the worker takes (no) next message, and
+    is then killed with the outcome in memory: the message is still taken, so the sweep sends
+    it again and the job completes, on its first attempt (it never counted as started)."""
+    s = make_stack(workers=1, mongo_url=private_mongo.url, claim_hold_s=2.5, orphan_scan_interval_s=1,
+                   **FAST_RECOVERY)
+    job_id = s.submit({"code": "import time\ntime.sleep(0.3)\nreturn 'done'", "retries": 0})
+    redis, taken = s.redis(), f"sless:taken:{s.queue_name}"
+    message = f"{job_id}-0"
+    wait_until(lambda: redis.zscore(taken, message) is not None, 20, "the worker did not take the message")
+    os.kill(private_mongo.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # the attempt ended; its worker went back to the (empty) queue, twice
+        assert redis.zscore(taken, message) is not None  # not marked finished: its record is not written
+        [first], [pid] = s.live_workers(), s.worker_pids()
+        os.killpg(pid, signal.SIGKILL)
+    finally:
+        os.kill(private_mongo.process.pid, signal.SIGCONT)
+    doc = s.wait_terminal(job_id, timeout_s=40)
+    assert doc["state"] == "completed" and doc["result"] == "done" and doc["attempts"] == 1
+    assert doc["attempt_errors"] == [] and doc["worker"] != first
+    assert redis.zscore(taken, message) is None

@@ -102,6 +102,7 @@ def test_worker_logs_one_readable_line_per_event(make_stack):
     s.wait_terminal(s.submit({"code": "return input * 2", "input": 21}))
     s.wait_terminal(s.submit({"code": "raise ValueError('boom')", "retries": 1}))
     s.wait_terminal(s.submit({"code": "while True: pass", "timeout_s": 0.3, "retries": 0}))
+    wait_until(lambda: "timed out:" in s.log("pool"), 5, "the last outcome was not logged (its line follows the record)")
     log = s.log("pool")
     assert "started, attempt 1/3, input 21" in log
     assert "completed in" in log and "result 42" in log
@@ -114,9 +115,15 @@ def test_json_log_format(make_stack):
     s = make_stack(workers=1, log_format="json")
     job_id = s.submit({"code": "return 1"})
     s.wait_terminal(job_id)
-    entries = [json.loads(line) for line in s.log("pool").splitlines() if line.startswith("{")]
-    done = [e for e in entries if e.get("job_id") == job_id and e.get("state") == "completed"]
-    assert done and done[0]["attempt"] == 1 and done[0]["duration_ms"] > 0 and done[0]["worker"]
+    entries, done = [], []
+
+    def logged() -> bool:  # the line follows the record
+        entries[:] = [json.loads(line) for line in s.log("pool").splitlines() if line.startswith("{")]
+        done[:] = [e for e in entries if e.get("job_id") == job_id and e.get("state") == "completed"]
+        return bool(done)
+
+    wait_until(logged, 5, "the outcome was not logged")
+    assert done[0]["attempt"] == 1 and done[0]["duration_ms"] > 0 and done[0]["worker"]
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
 
 
@@ -138,16 +145,43 @@ def test_a_plain_rq_worker_cannot_run_a_sless_message():
 
 def test_an_idle_worker_holds_no_lease_and_a_busy_one_only_its_own(make_stack):
     """Settled attempts' leases are dropped in batches; once the queue is empty none is left,
-    so the pool's count of busy workers (autoscaling) sees idle workers as idle."""
-    stack = make_stack(workers=1)
+    so the pool's count of busy workers (autoscaling) sees idle workers as idle. (Claims at
+    once: a quiet short attempt held back would take no lease at all.)"""
+    stack = make_stack(workers=1, claim_hold_s=0)
     leases = stack.mongo_jobs().database["leases"]
     ids = [stack.submit({"code": "return input", "input": n}) for n in range(12)]
     assert [stack.wait_terminal(job_id)["state"] for job_id in ids] == ["completed"] * 12
+    assert stack.mongo_jobs().database["events"].count_documents({"step": "claim"}) == 12
     # an idle worker drops them at once; DROP_AFTER_S (0.5 s) is the backstop
     wait_until(lambda: leases.count_documents({}) == 0, 5.0, "leases of settled attempts were not dropped")
     running = stack.submit({"code": "import time\ntime.sleep(1.5)\nreturn 1"})
     wait_until(lambda: stack.get(f"/status/{running}").json()["state"] == "running", 10, "the job did not start")
     assert [lease["job_id"] for lease in leases.find({})] == [running]
+
+
+def test_a_quiet_short_attempt_is_claimed_with_its_settle_and_takes_no_lease(make_stack):
+    """An attempt that ends within the claim hold and writes nothing costs one MongoDB write
+    (claim and settle in one insert, no lease), and its message is marked finished once
+    that is written; one that prints is claimed with a lease, as it runs."""
+    stack = make_stack(workers=1, claim_hold_s=2)
+    database, redis = stack.mongo_jobs().database, stack.redis()
+    quiet = stack.submit({"code": "import time\ntime.sleep(0.5)\nreturn input * 2", "input": 21})
+    wait_until(lambda: redis.zscore(f"sless:taken:{stack.queue_name}", f"{quiet}-0"), 10, "it was not taken")
+    assert stack.get(f"/status/{quiet}").json()["state"] == "submitted"  # running, but nothing is written yet
+    assert database["leases"].count_documents({"job_id": quiet}) == 0
+    assert stack.wait_terminal(quiet)["result"] == 42
+    assert sorted(e["step"] for e in database["events"].find({"job_id": quiet})) == ["claim", "settle"]
+    [claim] = database["events"].find({"job_id": quiet, "step": "claim"})
+    assert claim["owner"] == stack.live_workers()[0]
+    wait_until(lambda: redis.hget(f"rq:job:{quiet}-0", "status") == b"finished", 5, "its message was not marked")
+    assert redis.zscore(f"sless:taken:{stack.queue_name}", f"{quiet}-0") is None
+    assert 0 < redis.ttl(f"rq:job:{quiet}-0") <= 600
+    assert "started, attempt 1/3, input 21" in stack.log("pool")
+    talker = stack.submit({"code": "print('hi')\nreturn 1"})  # its output goes out once its claim stands
+    assert stack.wait_terminal(talker)["stdout"] == "hi\n"
+    feed = stack.get(f"/events/{talker}", params={"wait_s": 0}).json()["events"]
+    assert [(e["kind"], e.get("state") or e.get("text")) for e in feed] == \
+           [("state", "running"), ("output", "hi\n"), ("state", "completed")]
 
 
 def test_a_duplicate_message_runs_nowhere_visible_and_changes_nothing(make_stack):

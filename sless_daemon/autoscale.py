@@ -11,7 +11,7 @@ The policy, and why:
   and on a small machine starting many at once slows the ones already draining.
 - **Shrink** one worker at a time, only after the queue has been empty for `idle_s`,
   then at most every `idle_s / 2`, and only while the workers left would be at most
-  SHRINK_UTILISATION busy (counted from the attempts they hold now): a load the pool
+  SHRINK_UTILISATION busy (counted from the messages they are handling now): a load the pool
   just keeps up with leaves the queue empty most of the time, and shrinking then
   would only make it grow again. Bursts often come in waves, and a worker costs
   nothing while idle but a start when it is needed again. A retiring worker is

@@ -19,7 +19,9 @@ reads RQ's, so this loop uses RQ for what it needs only:
 - it marks a handled message `finished` (`failed` when handling raised, so the
   orphan scan re-sends it) and lets Redis expire it: from then on the attempt's
   lease, or its settle event, is what counts. `finished` goes with the next `TAKE`,
-  which follows at once (or as the loop ends). `TAKE` also notes each message it takes
+  which follows at once (or as the loop ends); for an attempt whose claim is written
+  with its settle, it goes with that settle's announcement instead (the handler says
+  so: worker.AttemptRunner). `TAKE` also notes each message it takes
   in a sorted set (`queue.TAKEN_KEY`) and `finished` removes it, so the recovery sweep
   finds a message taken and never handled by looking there, without reading every job.
 

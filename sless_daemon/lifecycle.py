@@ -149,7 +149,7 @@ class Lifecycle:
     def claim(self, job: dict) -> bool:
         """Take the attempt for this worker; False if it was taken before (a duplicate
         message). The attempt number fences every later write of the attempt."""
-        until = job["started_at"] + timedelta(seconds=self.settings.lease_s)
+        until = utcnow() + timedelta(seconds=self.settings.lease_s)  # from now: a held-back claim comes later
         return self.store.claim(job["_id"], job["attempts"], self.owner, job["started_at"], until)
 
     def renew(self, job: dict) -> None:
@@ -165,14 +165,14 @@ class Lifecycle:
         return self.finish_many([(job, outcome, timings)])[0]
 
     def finish_many(self, finished: list[tuple[dict, AttemptOutcome, dict | None]], drop_leases: bool = True,
-                    claims: list[bool] | None = None) -> list[Decision]:
+                    claims: list[str | None] | None = None) -> list[Decision]:
         """Record several attempts' outcomes at once (one insert for all: a worker's recorder
         writes whatever finished while it was writing the last batch). A worker drops the
         leases itself later, many at once (`drop_leases=False`, worker.Recorder). `claims`
-        (parallel to `finished`) marks the attempts that ended before their claim was
-        written: the claim goes in just before the settle (`store.settle_many`)."""
+        (parallel to `finished`) names the runs of attempts that ended before their claim
+        was written: the claim, naming the run, goes in just before the settle (`store.settle_many`)."""
         settlements = []
-        for (job, outcome, timings), claim in zip(finished, claims or [False] * len(finished)):
+        for (job, outcome, timings), run in zip(finished, claims or [None] * len(finished)):
             fields = {
                 "stdout": outcome.stdout, "stderr": outcome.stderr, "duration_ms": outcome.duration_ms,
                 "finished_at": utcnow(), "worker": self.owner, "started_at": job.get("started_at"),
@@ -184,9 +184,9 @@ class Lifecycle:
                 settlement = Settlement(job, changes, None, Decision(False))
             else:
                 settlement = self._failure(job, outcome.error, fields)
-            if claim:
+            if run:
                 settlement = replace(settlement, claim=step_event(job["_id"], job["attempts"], "claim", self.owner,
-                                                                  at=job["started_at"]))
+                                                                  at=job["started_at"], run=run))
             settlements.append(settlement)
         return self._settle(settlements, drop_leases)
 
@@ -246,34 +246,47 @@ class Lifecycle:
         An attempt this owner settled before (its earlier try failed after the insert)
         keeps that stored outcome, which was announced then: its retry, if it is one, is
         scheduled again (idempotent) and nothing is announced twice.
+
+        An attempt whose claim came with its settle has no lease, so its message, still
+        taken, is what the sweep recovers it by until it is marked finished here: with the
+        announcement, or after its retry is noted (else a worker dying in between would
+        leave that retry to the hourly full scan).
         """
         events = [settle_event(s.job["_id"], s.job["attempts"], s.changes, s.error, self.owner) for s in settlements]
         standing = self.store.settle_many(events, self.owner, [s.claim for s in settlements])
-        # an attempt whose claim came with its settle has its message marked finished only now
-        handled = [message_id(s.job["_id"], s.job["attempts"] - 1) for s in settlements if s.claim]
+        decisions = [self._decision(s, event) for s, event in zip(settlements, standing)]
+        handled = [(message_id(s.job["_id"], s.job["attempts"] - 1), d.retry)
+                   for s, d in zip(settlements, decisions) if s.claim]
         try:  # first: whoever waits for these jobs needs nothing below
-            self.queue.announce_settled([event for event in standing if event and not event.get("again")], handled)
+            self.queue.announce_settled([event for event in standing if event and not event.get("again")],
+                                        [message for message, retry in handled if not retry])
         except DependencyDown as e:  # the record is written; waiters fall back to reading it
             log.warning("could not announce recorded attempts (%s)", e)
-        decisions = []
-        for settlement, event in zip(settlements, standing):
-            job = settlement.job
-            if event is False:
-                log.info("job %s: attempt %d was taken before (a duplicate message); its run here is discarded",
-                         job["_id"], job["attempts"])
-            elif event is None:
-                log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
-                            job["_id"], job["attempts"])
-            if not event:
-                decisions.append(Decision(False, recorded=False))
-                continue
-            decision = _decision_of(event) if event.get("again") else settlement.decision
+        for settlement, event, decision in zip(settlements, standing, decisions):
             if decision.retry:
-                self.store.schedule_retry(job["_id"], job["attempts"], event["retry_at"])
-            decisions.append(decision)
+                self.store.schedule_retry(settlement.job["_id"], settlement.job["attempts"], event["retry_at"])
+        retried = [message for message, retry in handled if retry]
+        if retried:
+            try:
+                self.queue.mark_finished(retried)
+            except DependencyDown as e:  # the sweep finds them noted, and forgets them
+                log.warning("could not mark %d handled messages finished (%s)", len(retried), e)
         if drop_leases:
             self.store.drop_leases([(s.job["_id"], s.job["attempts"]) for s in settlements if not s.claim])
         return decisions
+
+    def _decision(self, settlement: Settlement, event: dict | None | bool) -> Decision:
+        """What follows one settle, as `settle_many` answered it (a discarded outcome is logged)."""
+        job = settlement.job
+        if event is False:
+            log.info("job %s: attempt %d was taken before (a duplicate message); its run here is discarded",
+                     job["_id"], job["attempts"])
+        elif event is None:
+            log.warning("job %s: attempt %d was settled elsewhere meanwhile; this outcome is discarded",
+                        job["_id"], job["attempts"])
+        if not event:
+            return Decision(False, recorded=False)
+        return _decision_of(event) if event.get("again") else settlement.decision
 
     def reopen(self, job_id: str) -> dict:
         """Run a failed job again as a new attempt (dead letters); earlier errors are kept.
@@ -322,7 +335,8 @@ class Lifecycle:
         claimed that attempt first. Finishes a cancel that stopped between the two (the
         fence is there, the settle is not): the sweep calls this for such jobs too."""
         job_id, attempt = job["_id"], job["attempts"] + 1
-        if not self.store.fence(job_id, attempt, CANCEL_FENCE) and self.store.claimed_by(job_id, attempt) != CANCEL_FENCE:
+        if (not self.store.fence(job_id, attempt, CANCEL_FENCE)
+                and self.store.taken_by(job_id, attempt, "claim") != CANCEL_FENCE):
             return False
         changes = {"state": JobState.CANCELLED.value, "finished_at": utcnow(), "worker": None, "retry_at": None,
                    "error": failed(ErrorType.CANCELLED, CANCELLED_BEFORE_START)}
@@ -339,7 +353,8 @@ class Lifecycle:
             return self.store.cancel_requested(job_id, attempt)
 
     def lose(self, lease: dict, why: str) -> tuple[dict, Decision] | None:
-        """Recover the attempt a gone worker held (its lease): retry it or fail it as worker_lost.
+        """Recover the attempt a gone worker held (its lease; or, from the sweep, the claim it
+        wrote without its settle): retry it or fail it as worker_lost.
 
         Returns the job and what was decided, or None when the job had already ended
         (the worker died after recording, before dropping its lease).

@@ -135,6 +135,14 @@ class JobQueue:
                 count_settled(pipe, self.name, event)
             pipe.execute()
 
+    @redis_call
+    def mark_finished(self, messages: list[str]) -> None:
+        """Mark handled messages finished, in one round trip (`mark_handled`)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for message in messages:
+                self.mark_handled(pipe, message, "finished")
+            pipe.execute()
+
     def mark_handled(self, pipe, message: str, status: str) -> None:
         """Queue on `pipe`: mark a message handled and let it expire after HANDLED_TTL_S; a
         finished one is no longer among the taken (a failed one stays, for the sweep to send again)."""
@@ -180,6 +188,18 @@ class JobQueue:
         return [m.decode() for m in self.connection.zrangebyscore(self.taken_key, "-inf", epoch_s, 0, limit)]
 
     @redis_call
+    def busy_workers(self) -> set[str]:
+        """Names of the workers handling a message now: those of the messages taken and not yet
+        marked finished (TAKE notes the taker in each one's hash). An idle worker has none."""
+        taken = self.connection.zrange(self.taken_key, 0, -1)
+        if not taken:
+            return set()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for message in taken:
+                pipe.hget(rq.job.Job.redis_job_namespace_prefix + message.decode(), "worker_name")
+            return {name.decode() for name in pipe.execute() if name}
+
+    @redis_call
     def parked(self) -> list[str]:
         """Ids a worker's blocking pop moved into RQ's intermediate list and never took over."""
         ids = [p.decode() for p in self.connection.lrange(self.intermediate_key, 0, -1)]
@@ -193,10 +213,12 @@ class JobQueue:
 
     @redis_call
     def forget_stuck(self, message: str) -> None:
-        """Stop tracking a taken or parked message (the sweep looked at it)."""
+        """Stop tracking a taken or parked message (the sweep looked at it), and let it expire
+        as a handled one does (a message sent again gets a new life: `resend`)."""
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.zrem(self.taken_key, message)
             pipe.lrem(self.intermediate_key, 0, message)
+            pipe.expire(rq.job.Job.redis_job_namespace_prefix + message, HANDLED_TTL_S)
             pipe.execute()
 
     @property

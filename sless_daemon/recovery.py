@@ -126,6 +126,7 @@ class Recovery:
             job = self.store.get(named[0]) if named else None
             queue.forget_stuck(message)  # before a resend: a worker taking it again notes it anew
             if job is not None:
+                self.note_retry(job, named[1] + 1)
                 count += self.send_again(job, named[1], "had its message taken by a worker that never claimed it")
         return count
 
@@ -135,8 +136,12 @@ class Recovery:
         if (job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempts
                 or (job["retry_at"] is not None and job["retry_at"] > utcnow())):
             return False  # it moved on since it was seen: a worker took the message meanwhile
-        if self.store.claimed_by(job["_id"], attempts + 1) == CANCEL_FENCE:
+        owner = self.store.taken_by(job["_id"], attempts + 1, "claim")
+        if owner == CANCEL_FENCE:
             self.lifecycle.cancel_before_start(job)
+            return False
+        if owner is not None:  # a worker's claim, and neither lease nor settle: its claim went in without its settle
+            self.settle_lost_claim(job, attempts + 1, owner)
             return False
         try:
             self.lifecycle.queue.resend(job, attempts)
@@ -145,6 +150,26 @@ class Recovery:
             return False
         log.warning("job %s %s; enqueued again", job["_id"], why, extra={"job_id": job["_id"]})
         return True
+
+    def note_retry(self, job: dict, attempt: int) -> None:
+        """Note the retry of an attempt settled as one by a worker that died before noting it.
+        With a lease the lease's recovery does this (Lifecycle.lose); an attempt claimed with
+        its settle has none, and its message, not yet marked finished, is what is left."""
+        if (job["attempts"] == attempt and job["state"] == JobState.SUBMITTED.value and job["retry_at"] is not None
+                and self.store.taken_by(job["_id"], attempt, "enqueue") is None):
+            self.store.schedule_retry(job["_id"], attempt, job["retry_at"])
+
+    def settle_lost_claim(self, job: dict, attempt: int, worker: str) -> None:
+        """Settle as lost an attempt a worker claimed and never ended, holding no lease: the
+        claim it wrote with its settle went in alone (the worker died between the two, or
+        the settle was refused) and that worker is gone or gave up. Without this the job
+        would wait for ever: every message for the attempt finds its claim taken."""
+        lost = self.lifecycle.lose({"job_id": job["_id"], "attempt": attempt, "worker": worker},
+                                   f"worker {worker} claimed the attempt and never recorded its end")
+        if lost:
+            log.warning("job %s: attempt %d claimed by %s was never settled; %s", job["_id"], attempt, worker,
+                        "retry scheduled" if lost[1].retry else "failed: no retries left",
+                        extra={"job_id": job["_id"], "worker": worker})
 
     def run_in_background(self, interval_s: float, stop: threading.Event) -> threading.Thread:
         """Sweep now and then every `interval_s` until `stop` is set (the daemon's way)."""

@@ -106,8 +106,8 @@ class Settings:
             raise ConfigError(f"SLESS_LOG_FORMAT={self.log_format!r} is not one of: text, json.")
         if self.max_output_flood_bytes < self.max_output_bytes:
             raise ConfigError("SLESS_MAX_OUTPUT_FLOOD_BYTES must be at least SLESS_MAX_OUTPUT_BYTES.")
-        if self.claim_hold_s >= self.lease_s:
-            raise ConfigError("SLESS_CLAIM_HOLD_S must be shorter than SLESS_LEASE_S.")
+        if self.claim_hold_s > self.lease_s / 5:  # the sweep sends again a message taken a lease ago, unclaimed
+            raise ConfigError("SLESS_CLAIM_HOLD_S must be at most a fifth of SLESS_LEASE_S.")
         if not self.queue_name:
             raise ConfigError("SLESS_QUEUE_NAME must not be empty.")
 

@@ -231,9 +231,9 @@ class OutcomeStore:
         return self._insert_event(job_id, attempt, "claim", owner)
 
     @mongo_call
-    def claimed_by(self, job_id: str, attempt: int) -> str | None:
-        """Who claimed an attempt (a worker's name, or a fence's owner), or None."""
-        held = self.events.find_one({"_id": guard_key(job_id, attempt, "claim")}, {"owner": 1})
+    def taken_by(self, job_id: str, attempt: int, step: str) -> str | None:
+        """Who took a step of an attempt (for "claim": a worker's name, or a fence's owner), or None."""
+        held = self.events.find_one({"_id": guard_key(job_id, attempt, step)}, {"owner": 1})
         return held.get("owner") if held else None
 
     @mongo_call
@@ -267,11 +267,6 @@ class OutcomeStore:
         return list(self.leases.find({"worker": worker}))
 
     @mongo_call
-    def leases_of_any(self, workers: list[str]) -> list[dict]:
-        """The attempts these workers hold (how busy a pool is; `leases` is small)."""
-        return list(self.leases.find({"worker": {"$in": workers}}, {"worker": 1}))
-
-    @mongo_call
     def settle_many(self, events: list[dict], owner: str, claims: list[dict | None] | None = None) -> list:
         """End attempts with their settle events (`settle_event`), in one ordered insert; for
         each, the event that stands for this owner, None if somebody else settled it first,
@@ -287,7 +282,9 @@ class OutcomeStore:
         later attempt wrote, since every attempt has its own event. An owner that finds
         its own event (an earlier try went through, and what followed it failed) gets
         that stored event back, marked `"again": True`: it, not the one built now, is
-        the outcome, and it was announced before. Its own claim found so lets its settle go on.
+        the outcome, and it was announced before. A claim found written by the same run
+        (its `run`: an earlier try went through) lets its settle go on; one by any other
+        run, even of the same worker (a duplicate message), does not.
         """
         claims = claims or [None] * len(events)
         documents = [(i, document) for i, (event, claim) in enumerate(zip(events, claims))
@@ -305,10 +302,9 @@ class OutcomeStore:
                 error = errors[0]
                 start += error["index"]
                 i, document = documents[start]
-                own = self._own_event(document["_id"], owner)
                 if document["step"] == "settle":
-                    standing[i] = own
-                elif own is None:  # claimed elsewhere: skip this attempt's settle
+                    standing[i] = self._own_event(document["_id"], owner)
+                elif not self._same_run(document):  # claimed elsewhere, or by another run: skip its settle
                     standing[i] = False
                     start += 1
                 start += 1
@@ -367,6 +363,11 @@ class OutcomeStore:
             return True
         except DuplicateKeyError:
             return False
+
+    def _same_run(self, claim: dict) -> bool:
+        """Whether the stored claim with this one's `_id` was written by the same run."""
+        held = self.events.find_one({"_id": claim["_id"]}, {"run": 1})
+        return bool(held and claim.get("run") and held.get("run") == claim["run"])
 
     def _owned_by(self, key: str, owner: str) -> bool:
         """Whether `owner` holds an event already: its earlier insert went through but the

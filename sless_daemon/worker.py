@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from .capture import Watch
@@ -101,9 +102,10 @@ class AttemptRunner:
         except Exception as e:  # noqa: BLE001 - a message this worker cannot read fails its attempt, once
             self.fail_unreadable(job, e, timings, fields)
             return True
-        hold = ClaimHold() if self.executor.sandbox is not None else None  # no sandbox (--insecure): claim first
+        claim_first = self.executor.sandbox is None  # no sandbox (--insecure): the code could reach the world
+        hold = ClaimHold() if not claim_first and self.lifecycle.settings.claim_hold_s > 0 else None
         claim = self.claims.submit(self.claim, job, spec, timings, fields, hold)
-        if hold is None and not claim.result():
+        if claim_first and not claim.result():
             log_duplicate(job, fields)
             return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
@@ -121,12 +123,14 @@ class AttemptRunner:
             if not claimed:
                 log_duplicate(job, fields)
                 return True
-            with_settle = claimed is WITH_SETTLE
+            run = uuid.uuid4().hex if claimed is WITH_SETTLE else None  # tells this run's claim from another's
+            if run:
+                log_started(job, spec, fields)  # it ran; its claim goes in with its outcome
             try:
                 watch.done()  # what it held back while the claim was being written
             finally:
-                self.recorder.submit(Finished(job, outcome, timings, fields, with_settle))  # always: it holds the lease
-            return not with_settle
+                self.recorder.submit(Finished(job, outcome, timings, fields, run))  # always: it holds the lease
+            return run is None
         finally:
             self.executor.prepare()
 
@@ -167,7 +171,7 @@ class AttemptRunner:
         """Write outcomes, retrying while MongoDB is away: a finished attempt is never dropped.
         Their leases stay (see Recorder) and are no longer renewed."""
         return persist(lambda: self.lifecycle.finish_many([(f.job, f.outcome, f.timings) for f in finished],
-                                                          drop_leases=False, claims=[f.with_claim for f in finished]),
+                                                          drop_leases=False, claims=[f.claim_run for f in finished]),
                        f"record {len(finished)} outcomes")
 
 
@@ -191,7 +195,7 @@ class Finished:
     outcome: AttemptOutcome
     timings: dict
     fields: dict
-    with_claim: bool = False  # it has no lease: its claim goes in with its settle (AttemptRunner)
+    claim_run: str | None = None  # it has no lease: its claim, naming this run, goes in with its settle
 
 
 class ClaimHold:
@@ -216,8 +220,10 @@ class Recorder:
 
     An attempt keeps its lease, renewed, until its outcome is written. If the worker
     dies with outcomes unwritten, the recovery sweep settles those attempts as lost and
-    they are retried, as if it had died while running them. At most MAX_PENDING wait;
-    `drain` waits for all of them (the worker is stopping).
+    they are retried, as if it had died while running them; one without a lease (its
+    claim goes in with its settle) keeps its message taken until then, and the sweep
+    sends that message again. At most MAX_PENDING wait; `drain` waits for all of them
+    (the worker is stopping).
 
     Settled attempts' leases are dropped together: once the worker finds the queue empty
     (`idle`), or DROP_AFTER_S after the first of them settled, or once DROP_BATCH wait. A
@@ -225,8 +231,6 @@ class Recorder:
     (BENCHMARKS.md, session 4, step 10). A lease left behind a settle event is inert: readers go by
     the settle event (store.derive), nobody renews it, and if this worker dies before
     dropping it, the sweep finds the attempt settled and only drops it (Lifecycle.lose).
-    An idle worker holds none, so the autoscaler's count of busy workers is right when
-    it decides to shrink.
     """
 
     MAX_PENDING = 4
@@ -279,7 +283,7 @@ class Recorder:
                     self.write(batch)
                 if not items or len(batch) < len(items) or self.drop_due():
                     self.drop_settled_leases()
-            except Exception:  # noqa: BLE001 - the leases will expire and the attempts be retried
+            except Exception:  # noqa: BLE001 - leases expire, messages stay taken: the sweep recovers them
                 log.exception("the recorder failed on %d outcomes; it goes on with the next", len(batch))
             finally:
                 for _ in items:
@@ -290,10 +294,8 @@ class Recorder:
         try:
             for finished, decision in zip(batch, self.runner.record(batch)):
                 if decision.recorded:
-                    if finished.with_claim:  # claimed only now
-                        log_started(finished.job, spec_from_job(finished.job), finished.fields)
                     log_outcome(finished.job, finished.outcome, decision, finished.fields)
-            leased = [(f.job["_id"], f.job["attempts"]) for f in batch if not f.with_claim]
+            leased = [(f.job["_id"], f.job["attempts"]) for f in batch if not f.claim_run]
             if leased:
                 with self.lock:
                     self.settled.extend(leased)

@@ -114,8 +114,7 @@ class WorkerPool:
         active = [slot for slot in self.slots if not slot.retiring]
         try:
             depth = self.lifecycle.queue.depth()
-            busy = 0 if depth else len({lease["worker"] for lease in  # workers holding a lease (an idle one holds none)
-                                        self.lifecycle.store.leases_of_any([slot.name for slot in active])})
+            busy = 0 if depth else len(self.lifecycle.queue.busy_workers() & {slot.name for slot in active})
             view = QueueView(depth, self.lifecycle.queue.oldest_wait_s(), time.monotonic(), busy)
         except DependencyDown as e:
             log.warning("autoscaling paused: %s", e)

@@ -161,7 +161,8 @@ def status(hosts: Hosts, job_id: str) -> dict:
 
 def pool_pid(worker: str | None) -> str:
     """Worker names are `<hostname>.<pool pid>.w<slot>.<generation>`; the pool pid tells the host."""
-    return (worker or "").split(".")[-3]
+    parts = (worker or "").split(".")
+    return parts[-3] if len(parts) >= 3 else ""  # no worker yet (a job waiting, or held before its claim)
 
 
 def host_of(hosts: Hosts, worker: str | None) -> str:

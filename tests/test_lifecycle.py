@@ -238,12 +238,12 @@ def test_claims_written_with_their_settles_each_win_or_lose_on_their_own(lifecyc
     jobs = [lifecycle.attempt_of(message(lifecycle, job_id)) for job_id in ids]
     assert other_worker(lifecycle, "other").start(message(lifecycle, ids[1])) is not None  # runs it there
     decisions = lifecycle.finish_many([(job, AttemptOutcome(result=i, duration_ms=1.0), None)
-                                       for i, job in enumerate(jobs)], claims=[True] * 3)
+                                       for i, job in enumerate(jobs)], claims=["r0", "r1", "r2"])
     assert [d.recorded for d in decisions] == [True, False, True]
     docs = [lifecycle.store.get(job_id) for job_id in ids]
     assert [d["state"] for d in docs] == ["completed", "running", "completed"]
     assert docs[0]["result_json"] == "0" and docs[1]["result_json"] is None and docs[2]["result_json"] == "2"
-    assert [lifecycle.store.claimed_by(job_id, 1) for job_id in ids] == ["test", "other", "test"]
+    assert [lifecycle.store.taken_by(job_id, 1, "claim") for job_id in ids] == ["test", "other", "test"]
     assert [lease["job_id"] for lease in lifecycle.store.leases.find({})] == [ids[1]]
 
 
@@ -253,22 +253,27 @@ def test_a_cancel_before_the_claim_wins_over_an_attempt_that_ended_meanwhile(lif
     job_id = lifecycle.accept(SPEC)
     job = lifecycle.attempt_of(message(lifecycle, job_id))
     assert lifecycle.cancel(job_id)[1]
-    assert not lifecycle.finish_many([(job, AttemptOutcome(result=1), None)], claims=[True])[0].recorded
+    assert not lifecycle.finish_many([(job, AttemptOutcome(result=1), None)], claims=["r"])[0].recorded
     assert lifecycle.store.get(job_id)["state"] == "cancelled"
 
 
 def test_a_claim_with_settle_written_again_finds_its_own_claim(lifecycle):
-    """The answer to a claim-and-settle insert was lost and the recorder writes it again: its
-    own claim lets its settle go in; if that went in too, the stored outcome stands."""
+    """The answer to a claim-and-settle insert was lost and the recorder writes it again: the
+    claim its run wrote lets its settle go in; if that went in too, the stored outcome
+    stands. Another run's claim, even by the same worker (a duplicate message), does not."""
+    from sless_daemon.store import step_event
+
     first, second = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
     halfway = lifecycle.attempt_of(message(lifecycle, first))
-    lifecycle.store.fence(first, 1, lifecycle.owner)  # only the claim went in
-    assert lifecycle.finish_many([(halfway, AttemptOutcome(result="a"), None)], claims=[True])[0].recorded
+    lifecycle.store.events.insert_one(step_event(first, 1, "claim", lifecycle.owner, run="r1"))  # only the claim
+    assert lifecycle.finish_many([(halfway, AttemptOutcome(result="a"), None)], claims=["r1"])[0].recorded
     assert lifecycle.store.get(first)["result_json"] == '"a"'
     whole = lifecycle.attempt_of(message(lifecycle, second))
-    lifecycle.finish_many([(whole, AttemptOutcome(result="b"), None)], claims=[True])
-    again = lifecycle.finish_many([(whole, AttemptOutcome(result="c"), None)], claims=[True])[0]
+    lifecycle.finish_many([(whole, AttemptOutcome(result="b"), None)], claims=["r2"])
+    again = lifecycle.finish_many([(whole, AttemptOutcome(result="c"), None)], claims=["r2"])[0]
     assert again.recorded and lifecycle.store.get(second)["result_json"] == '"b"'
+    duplicate = lifecycle.finish_many([(whole, AttemptOutcome(result="d"), None)], claims=["r3"])[0]
+    assert not duplicate.recorded and lifecycle.store.get(second)["result_json"] == '"b"'
 
 
 def test_a_withdrawn_job_never_runs_even_if_its_message_got_through(lifecycle):
@@ -426,10 +431,76 @@ def test_a_message_whose_record_is_written_later_stays_taken_until_then(lifecycl
     consumer.take_one()  # the next take marks nothing
     assert lifecycle.queue.taken_before(float("inf")) == [message_id(job_id, 0)]
     job = lifecycle.attempt_of(message(lifecycle, job_id))
-    lifecycle.finish_many([(job, AttemptOutcome(result=1, duration_ms=1.0), None)], claims=[True])
+    lifecycle.finish_many([(job, AttemptOutcome(result=1, duration_ms=1.0), None)], claims=["r"])
     assert lifecycle.queue.taken_before(float("inf")) == []
-    assert lifecycle.store.claimed_by(job_id, 1) == lifecycle.owner
+    assert lifecycle.store.taken_by(job_id, 1, "claim") == lifecycle.owner
     assert lifecycle.store.get(job_id)["state"] == "completed"
+
+
+def stuck_sweep(lifecycle: Lifecycle):
+    """A sweeper that runs only the cheap stuck-message check, and finds every taken message stuck."""
+    from sless_daemon.recovery import Recovery
+
+    sweeper = other_worker(lifecycle, "sweeper")
+    sweeper.settings = dataclasses.replace(lifecycle.settings, lease_s=0.0)
+    recovery = Recovery(sweeper)
+    recovery.redis_forgot()
+    recovery.next_full_scan = float("inf")
+    return recovery
+
+
+def test_a_claim_that_went_in_without_its_settle_is_settled_lost(lifecycle):
+    """A worker wrote an attempt's claim but never its settle (it died between the two
+    documents of the ordered insert) and held no lease: the job reads waiting, and every
+    message for the attempt would find it taken. The sweep, finding its message taken and
+    never finished, settles the attempt as lost, so the job goes on (here: a retry)."""
+    from sless_daemon.consumer import Consumer
+
+    job_id = lifecycle.accept(SPEC)
+    Consumer(lifecycle.queue, "dead", lambda payload: False).take_one()
+    lifecycle.store.fence(job_id, 1, "dead")  # its claim, alone
+    assert lifecycle.store.get(job_id)["state"] == "submitted"
+    assert stuck_sweep(lifecycle).sweep()["orphans"] == 0  # nothing sent again...
+    doc = lifecycle.store.get(job_id)
+    assert doc["attempts"] == 1 and doc["attempt_errors"][0]["type"] == "worker_lost"  # ...it was settled
+    assert doc["state"] == "submitted" and doc["retry_at"] is not None
+    assert lifecycle.store.due_retries(utcnow() + timedelta(hours=1))[0]["job_id"] == job_id
+
+
+def test_a_retry_settled_with_its_claim_and_never_noted_is_noted_by_the_sweep(lifecycle):
+    """A worker wrote an attempt's claim and settle (a retry) and died before noting the
+    retry: there is no lease to recover it by, but its message is still taken."""
+    from sless_daemon.consumer import Consumer
+    from sless_daemon.store import settle_event, step_event
+
+    job_id = lifecycle.accept(SPEC)
+    Consumer(lifecycle.queue, "dead", lambda payload: False).take_one()
+    retry_at = utcnow()
+    settle = settle_event(job_id, 1, {"state": "submitted", "retry_at": retry_at}, {"type": "exception"}, "dead")
+    lifecycle.store.settle_many([settle], "dead", [step_event(job_id, 1, "claim", "dead")])
+    assert lifecycle.store.due_retries(utcnow()) == []
+    recovery = stuck_sweep(lifecycle)
+    recovery.sweep()
+    assert [r["job_id"] for r in lifecycle.store.due_retries(utcnow())] == [job_id]
+    recovery.sweep()  # the retry is sent: attempt 2's message waits
+    assert message(lifecycle, job_id, 1)["attempt"] == 2
+
+
+def test_busy_workers_are_those_handling_a_message(lifecycle):
+    """The autoscaler's count of busy workers: a worker handling a message, whether or not
+    its attempt holds a lease; none once the message is marked handled."""
+    from sless_daemon.consumer import Consumer
+
+    lifecycle.accept(SPEC)
+    lifecycle.accept(SPEC)
+    assert lifecycle.queue.busy_workers() == set()
+    done = Consumer(lifecycle.queue, "done", lambda payload: True)
+    held = Consumer(lifecycle.queue, "held", lambda payload: False)
+    done.take_one()
+    held.take_one()
+    assert lifecycle.queue.busy_workers() == {"done", "held"}
+    done.take_one()  # the queue is empty: this take only marks the last message finished
+    assert lifecycle.queue.busy_workers() == {"held"}
 
 
 def test_a_parked_message_is_sent_again_once_and_then_left_alone(lifecycle):

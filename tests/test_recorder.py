@@ -62,6 +62,15 @@ def test_an_idle_worker_drops_its_settled_leases_at_once():
     assert runner.recorded == ["job0", "job1", "job2"]
 
 
+def test_attempts_claimed_with_their_settle_have_no_lease_to_drop():
+    runner = Runner()
+    recorder = Recorder(runner)
+    recorder.submit(finished(0))
+    recorder.submit(Finished({"_id": "job1", "attempts": 1, "retries": 0}, AttemptOutcome(result=1), {}, {}, "run1"))
+    recorder.drain()
+    assert runner.recorded == ["job0", "job1"] and runner.dropped == [[("job0", 1)]]
+
+
 def test_with_outcomes_always_waiting_leases_still_drop_when_due():
     """A backlog never lets the recorder's wait time out; the drop must come when due anyway."""
     runner = Runner()

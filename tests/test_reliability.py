@@ -148,8 +148,8 @@ def test_an_outcome_lost_with_its_worker_before_its_claim_was_written_is_run_aga
     MongoDB hangs (SIGSTOP) while the outcome waits, the worker takes (no) next message, and
     is then killed with the outcome in memory: the message is still taken, so the sweep sends
     it again and the job completes, on its first attempt (it never counted as started)."""
-    s = make_stack(workers=1, mongo_url=private_mongo.url, claim_hold_s=2.5, orphan_scan_interval_s=1,
-                   **FAST_RECOVERY)
+    s = make_stack(workers=1, mongo_url=private_mongo.url, claim_hold_s=1, orphan_scan_interval_s=1,
+                   **{**FAST_RECOVERY, "lease_s": 5})
     job_id = s.submit({"code": "import time\ntime.sleep(0.3)\nreturn 'done'", "retries": 0})
     redis, taken = s.redis(), f"sless:taken:{s.queue_name}"
     message = f"{job_id}-0"

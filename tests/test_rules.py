@@ -41,8 +41,8 @@ def test_settings_reject_bad_values_with_a_sentence():
         Settings.from_env({"SLESS_DEFAULT_TIMEOUT_S": "20", "SLESS_MAX_TIMEOUT_S": "10"})
     with pytest.raises(ConfigError, match="SLESS_LOG_FORMAT"):
         Settings.from_env({"SLESS_LOG_FORMAT": "xml"})
-    with pytest.raises(ConfigError, match="SLESS_CLAIM_HOLD_S must be shorter than SLESS_LEASE_S"):
-        Settings.from_env({"SLESS_CLAIM_HOLD_S": "10"})  # the sweep would send its message again meanwhile
+    with pytest.raises(ConfigError, match="SLESS_CLAIM_HOLD_S must be at most a fifth of SLESS_LEASE_S"):
+        Settings.from_env({"SLESS_CLAIM_HOLD_S": "2.5"})  # the sweep would send its message again meanwhile
     assert Settings.from_env({"SLESS_PORT": "3100"}).port == 3100
     assert all(doc for _, _, doc in describe())
 

@@ -165,7 +165,7 @@ def test_a_quiet_short_attempt_is_claimed_with_its_settle_and_takes_no_lease(mak
     that is written; one that prints is claimed with a lease, as it runs."""
     stack = make_stack(workers=1, claim_hold_s=2)
     database, redis = stack.mongo_jobs().database, stack.redis()
-    quiet = stack.submit({"code": "import time\ntime.sleep(0.5)\nreturn input * 2", "input": 21})
+    quiet = stack.submit({"code": "import time\ntime.sleep(1.5)\nreturn input * 2", "input": 21})
     wait_until(lambda: redis.zscore(f"sless:taken:{stack.queue_name}", f"{quiet}-0"), 10, "it was not taken")
     assert stack.get(f"/status/{quiet}").json()["state"] == "submitted"  # running, but nothing is written yet
     assert database["leases"].count_documents({"job_id": quiet}) == 0
@@ -176,7 +176,7 @@ def test_a_quiet_short_attempt_is_claimed_with_its_settle_and_takes_no_lease(mak
     wait_until(lambda: redis.hget(f"rq:job:{quiet}-0", "status") == b"finished", 5, "its message was not marked")
     assert redis.zscore(f"sless:taken:{stack.queue_name}", f"{quiet}-0") is None
     assert 0 < redis.ttl(f"rq:job:{quiet}-0") <= 600
-    assert "started, attempt 1/3, input 21" in stack.log("pool")
+    wait_until(lambda: "started, attempt 1/3, input 21" in stack.log("pool"), 5, "no start logged (after the record)")
     talker = stack.submit({"code": "print('hi')\nreturn 1"})  # its output goes out once its claim stands
     assert stack.wait_terminal(talker)["stdout"] == "hi\n"
     feed = stack.get(f"/events/{talker}", params={"wait_s": 0}).json()["events"]
@@ -214,6 +214,27 @@ def test_a_duplicate_message_runs_nowhere_visible_and_changes_nothing(make_stack
     # no lease is left: the first attempt's is dropped with the next batch (an idle worker drops
     # at once), and the duplicate's, if its insert came after that, went with its failed claim
     wait_until(lambda: database["leases"].count_documents({"job_id": job_id}) == 0, 5, "a lease was left behind")
+
+
+def test_a_duplicate_of_a_quiet_attempt_is_discarded_with_its_claim(make_stack):
+    """A quiet short attempt is claimed with its settle: a duplicate message for it runs in
+    its sandbox, finds the claim taken when it writes both, and records nothing; its
+    message is still marked handled."""
+    from sless_daemon.queue import JobQueue
+
+    stack = make_stack(workers=1)
+    job_id = stack.submit({"code": "return input + 1", "input": 6})
+    before = stack.wait_terminal(job_id)
+    database, redis = stack.mongo_jobs().database, stack.redis()
+    assert sorted(e["step"] for e in database["events"].find({"job_id": job_id})) == ["claim", "settle"]
+    JobQueue(redis, stack.queue_name).resend(stack.mongo_jobs().find_one({"_id": job_id}), 0)
+    wait_until(lambda: f"job {job_id}: attempt 1 was taken before" in stack.log("pool"), 10,
+               "the worker did not take the duplicate message")
+    assert database["events"].count_documents({"job_id": job_id}) == 2
+    assert {k: stack.get(f"/status/{job_id}").json()[k] for k in ("state", "result", "finished_at", "worker")} == \
+           {k: before[k] for k in ("state", "result", "finished_at", "worker")}
+    wait_until(lambda: redis.zcard(f"sless:taken:{stack.queue_name}") == 0, 5, "the duplicate stayed taken")
+    assert stack.log("pool").count(f"job {job_id} completed") == 1
 
 
 def test_without_a_sandbox_a_duplicate_message_does_not_run_at_all(make_stack, tmp_path):

@@ -35,6 +35,16 @@ HANDLED_TTL_S = 600  # a handled message stays this long, so the orphan scan can
 CANCEL_KEY = "sless:cancel:"  # + job id: the attempt to cancel (lifecycle.cancel), read by its worker
 CANCEL_TTL_S = 24 * 3600
 RUN_JOB = "sless_daemon.worker.run_job"  # the function RQ workers call, by name
+# KEYS: the taken set, RQ's intermediate list, the message's hash; ARGV: the message, the
+# latest taken time to forget, the expiry of a handled message. Returns 1 if it forgot it.
+FORGET_STUCK = """
+local forgot = 0
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then forgot = redis.call('ZREM', KEYS[1], ARGV[1]) end
+forgot = forgot + redis.call('LREM', KEYS[2], 0, ARGV[1])
+if forgot > 0 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+return forgot
+"""
 # RQ's own job timeout is off (job_timeout=-1): the executor enforces each attempt's limits,
 # and RQ's alarm would cut short a worker that keeps a finished outcome while MongoDB is away.
 
@@ -212,14 +222,19 @@ class JobQueue:
         return [message for message, status in zip(ids, statuses) if status in (None, b"queued")]
 
     @redis_call
-    def forget_stuck(self, message: str) -> None:
-        """Stop tracking a taken or parked message (the sweep looked at it), and let it expire
-        as a handled one does (a message sent again gets a new life: `resend`)."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.taken_key, message)
-            pipe.lrem(self.intermediate_key, 0, message)
-            pipe.expire(rq.job.Job.redis_job_namespace_prefix + message, HANDLED_TTL_S)
-            pipe.execute()
+    def note_taken(self, message: str, at: float) -> None:
+        """Track a message as taken at `at` (epoch s), as TAKE does (the sweep keeps watching it)."""
+        self.connection.zadd(self.taken_key, {message: at})
+
+    @redis_call
+    def forget_stuck(self, message: str, taken_before: float) -> bool:
+        """Stop tracking a message taken before `taken_before` (epoch s), or parked, and let it
+        expire as a handled one does (a message sent again gets a new life: `resend`). True
+        for the one sweeper that did: another that listed it too, or a message a worker took
+        again since, is left alone."""
+        key = rq.job.Job.redis_job_namespace_prefix + message
+        return bool(self.connection.eval(FORGET_STUCK, 3, self.taken_key, self.intermediate_key, key,
+                                         message, taken_before, HANDLED_TTL_S))
 
     @property
     def intermediate_key(self) -> str:
@@ -280,6 +295,16 @@ class JobQueue:
     def live_workers(self) -> int:
         """Workers registered on this queue whose heartbeat has not expired."""
         return rq.Worker.count(queue=self.rq_queue)
+
+    @redis_call
+    def worker_alive(self, name: str) -> bool:
+        """Whether a worker is registered with a heartbeat not expired (its pool unregisters a
+        dead one at once; a lost host's expire within RQ's worker TTL, 7 minutes)."""
+        key = rq.Worker.redis_worker_namespace_prefix + name
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.sismember(rq.Worker.redis_workers_keys, key)
+            pipe.exists(key)
+            return all(pipe.execute())
 
     @redis_call
     def forget_worker(self, name: str) -> None:

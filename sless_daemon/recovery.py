@@ -7,7 +7,9 @@ the two and mends the difference:
   is settled as `worker_lost`: retried, or failed when its retries are spent;
 - a retry whose time has come is enqueued;
 - a job waiting for a worker whose message Redis no longer has (Redis restarted
-  without persistence, an enqueue lost, a retry sweeper that died) is enqueued again.
+  without persistence, an enqueue lost, a retry sweeper that died), or whose message a
+  worker took and never handled, is enqueued again; if that worker got halfway (a
+  claim written without its settle, a retry settled and not noted), that is mended.
 
 Worker pools run it every `sweep_interval_s`, and the daemon at start and then
 periodically. Several sweepers, on several hosts, may run at once: settling an
@@ -26,6 +28,7 @@ from .errors import DependencyDown
 from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
 from .queue import attempt_of
 from .states import JobState
+from .store import WITHDRAWN
 
 log = logging.getLogger("sless.recovery")
 MARKER_KEY = "sless:recovery:marker"
@@ -117,31 +120,36 @@ class Recovery:
 
     def requeue_stuck_messages(self) -> int:
         """Send again the messages a worker took (or parked) and never handled, when their
-        attempt is still waiting: the worker died between taking and claiming, or could
-        not claim (MongoDB away). Looks only at those messages, not at every job."""
-        queue, settings = self.lifecycle.queue, self.lifecycle.settings
+        attempt is still waiting: the worker died between taking and claiming (or before
+        writing the claim it held back with its settle), or could not claim (MongoDB away).
+        Also mends what such a worker left half done: a retry it settled and did not note,
+        a claim that went in without its settle (`send_again`). Looks only at those
+        messages, not at every job."""
+        queue, cutoff = self.lifecycle.queue, time.time() - self.lifecycle.settings.lease_s
         count = 0
-        for message in queue.taken_before(time.time() - settings.lease_s) + queue.parked():
+        for message in queue.taken_before(cutoff) + queue.parked():
+            if not queue.forget_stuck(message, cutoff):  # before a resend: a worker taking it again notes it anew
+                continue  # another sweeper has it, or a worker took it again meanwhile
             named = attempt_of(message)
             job = self.store.get(named[0]) if named else None
-            queue.forget_stuck(message)  # before a resend: a worker taking it again notes it anew
             if job is not None:
                 self.note_retry(job, named[1] + 1)
+                if self.claim_being_written(job, named[1] + 1):
+                    queue.note_taken(message, cutoff)  # looked at again at the next check
+                    continue
                 count += self.send_again(job, named[1], "had its message taken by a worker that never claimed it")
         return count
 
     def send_again(self, job: dict | None, attempts: int, why: str) -> bool:
         """Enqueue the attempt after `attempts` again if the job still waits for it (as of `job`,
-        read now); a cancel that stopped halfway is finished instead. True if sent."""
+        read now) and nobody claimed it; a claimed one is mended instead (`mend_claimed`).
+        True if sent."""
         if (job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempts
                 or (job["retry_at"] is not None and job["retry_at"] > utcnow())):
             return False  # it moved on since it was seen: a worker took the message meanwhile
-        owner = self.store.taken_by(job["_id"], attempts + 1, "claim")
-        if owner == CANCEL_FENCE:
-            self.lifecycle.cancel_before_start(job)
-            return False
-        if owner is not None:  # a worker's claim, and neither lease nor settle: its claim went in without its settle
-            self.settle_lost_claim(job, attempts + 1, owner)
+        claim = self.store.step_taken(job["_id"], attempts + 1, "claim")
+        if claim is not None:
+            self.mend_claimed(job, attempts + 1, claim)
             return False
         try:
             self.lifecycle.queue.resend(job, attempts)
@@ -158,12 +166,35 @@ class Recovery:
         if (job["attempts"] == attempt and job["state"] == JobState.SUBMITTED.value and job["retry_at"] is not None
                 and self.store.taken_by(job["_id"], attempt, "enqueue") is None):
             self.store.schedule_retry(job["_id"], attempt, job["retry_at"])
+            if self.store.taken_by(job["_id"], attempt, "enqueue") is not None:  # another sweeper sent it meanwhile
+                self.store.forget_retry(job["_id"], attempt)
+
+    def claim_being_written(self, job: dict, attempt: int) -> bool:
+        """Whether a live worker claimed this waiting attempt with its settle and is still
+        writing the settle (its recorder retries while MongoDB refuses)."""
+        if job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempt - 1:
+            return False
+        claim = self.store.step_taken(job["_id"], attempt, "claim")
+        return bool(claim and claim.get("run") and self.lifecycle.queue.worker_alive(claim["owner"]))
+
+    def mend_claimed(self, job: dict, attempt: int, claim: dict) -> None:
+        """A job that reads waiting although its next attempt is claimed: a cancel or a
+        withdrawal that stopped halfway is finished; a claim written with its settle (it
+        names its `run`) whose settle never went in (the worker died between the two, or
+        the settle was refused), by a worker no longer alive, is settled as lost, since
+        every message for that attempt would find its claim taken and the job wait for
+        ever. A claim with a lease is the lease sweep's (the job read before it came in);
+        a live worker's is on its way (its recorder retries)."""
+        owner = claim.get("owner")
+        if owner == CANCEL_FENCE:
+            self.lifecycle.cancel_before_start(job)
+        elif owner == WITHDRAWN:
+            self.store.withdraw(job["_id"])
+        elif claim.get("run") and not self.lifecycle.queue.worker_alive(owner):
+            self.settle_lost_claim(job, attempt, owner)
 
     def settle_lost_claim(self, job: dict, attempt: int, worker: str) -> None:
-        """Settle as lost an attempt a worker claimed and never ended, holding no lease: the
-        claim it wrote with its settle went in alone (the worker died between the two, or
-        the settle was refused) and that worker is gone or gave up. Without this the job
-        would wait for ever: every message for the attempt finds its claim taken."""
+        """Settle as lost an attempt whose claim went in without its settle (`mend_claimed`)."""
         lost = self.lifecycle.lose({"job_id": job["_id"], "attempt": attempt, "worker": worker},
                                    f"worker {worker} claimed the attempt and never recorded its end")
         if lost:

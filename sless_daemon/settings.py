@@ -63,7 +63,7 @@ class Settings:
     sandbox_uid_base: int = _setting(60000, 1000, 4_000_000_000, doc="host uid of worker slot 0's sandboxes (root workers only)")
     execute_margin_s: float = _setting(10.0, 0, 3600, doc="how much longer than the timeout /execute waits by default")
     lease_s: float = _setting(10.0, 1, 3600, doc="a running attempt's lease; its worker renews it every fifth of it")
-    claim_hold_s: float = _setting(0.05, 0, 60, doc="how long a worker holds a sandboxed attempt's claim back: a quiet attempt that ends sooner is claimed with its settle, in one write (0: claim at once)")
+    claim_hold_s: float = _setting(0.05, 0, 60, doc="how long a worker holds a sandboxed attempt's claim back: a quiet attempt that ends sooner is claimed with its settle, in one write (0: claim at once; at most lease_s / 5)")
     sweep_interval_s: float = _setting(1.0, 0.1, 3600, doc="how often pools and daemons look for lost attempts and due retries")
     orphan_grace_s: float = _setting(5.0, 0.5, 3600, doc="how long a waiting job may be missing from Redis before it is enqueued again")
     orphan_scan_interval_s: float = _setting(5.0, 1, 86400, doc="how often messages taken but never claimed are looked for (two Redis reads)")

@@ -51,6 +51,7 @@ EVENT_SUMMARY = {"job_id": 1, "attempt": 1, "step": 1, "state": 1, "retry_at": 1
 # what a job listing reads of each event: all but the output and the result
 EVENT_WITHOUT_OUTPUT = {"changes.stdout": 0, "changes.stderr": 0, "changes.result_json": 0}
 LIST_BATCH = 500
+WITHDRAWN = "(withdrawn)"  # the owner of the claim that keeps a withdrawn job's first attempt from any worker
 
 
 def guard_key(job_id: str, attempt: int, step: str) -> str:
@@ -197,7 +198,7 @@ class OutcomeStore:
     def claim(self, job_id: str, attempt: int, worker: str, now: datetime, lease_until: datetime) -> bool:
         """Start attempt `attempt` of a job for `worker`; False if it was taken before.
 
-        The lease goes first, so a running attempt always has one: if this worker dies
+        The lease goes first, so an attempt claimed here always has one: if this worker dies
         at any point from here on, the recovery sweep finds the lease expire and settles
         the attempt as lost. The claim event is permanent and strict (not even the same
         worker may take it twice), so a duplicate message for an attempt that already
@@ -221,7 +222,7 @@ class OutcomeStore:
         Its first attempt is claimed for nobody first: if the message reached Redis after
         all (the answer was lost), no worker can run it.
         """
-        self.fence(job_id, 1, "(withdrawn)")
+        self.fence(job_id, 1, WITHDRAWN)
         self.jobs.delete_one({"_id": job_id})
 
     @mongo_call
@@ -231,9 +232,14 @@ class OutcomeStore:
         return self._insert_event(job_id, attempt, "claim", owner)
 
     @mongo_call
+    def step_taken(self, job_id: str, attempt: int, step: str) -> dict | None:
+        """Who took a step of an attempt, or None: the event's `owner` (for "claim": a worker's
+        name, or a fence's) and `run` (a claim written with its settle)."""
+        return self.events.find_one({"_id": guard_key(job_id, attempt, step)}, {"owner": 1, "run": 1})
+
     def taken_by(self, job_id: str, attempt: int, step: str) -> str | None:
-        """Who took a step of an attempt (for "claim": a worker's name, or a fence's owner), or None."""
-        held = self.events.find_one({"_id": guard_key(job_id, attempt, step)}, {"owner": 1})
+        """The owner of a step of an attempt (`step_taken`), or None."""
+        held = self.step_taken(job_id, attempt, step)
         return held.get("owner") if held else None
 
     @mongo_call

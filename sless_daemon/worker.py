@@ -129,7 +129,7 @@ class AttemptRunner:
             try:
                 watch.done()  # what it held back while the claim was being written
             finally:
-                self.recorder.submit(Finished(job, outcome, timings, fields, run))  # always: it holds the lease
+                self.recorder.submit(Finished(job, outcome, timings, fields, run))  # always: it holds a lease or its message
             return run is None
         finally:
             self.executor.prepare()

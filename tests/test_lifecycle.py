@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -449,22 +450,54 @@ def stuck_sweep(lifecycle: Lifecycle):
     return recovery
 
 
-def test_a_claim_that_went_in_without_its_settle_is_settled_lost(lifecycle):
-    """A worker wrote an attempt's claim but never its settle (it died between the two
-    documents of the ordered insert) and held no lease: the job reads waiting, and every
-    message for the attempt would find it taken. The sweep, finding its message taken and
-    never finished, settles the attempt as lost, so the job goes on (here: a retry)."""
+def test_a_claim_that_went_in_without_its_settle_is_settled_lost_once_its_worker_is_gone(lifecycle):
+    """A worker wrote an attempt's claim (with its run: claimed with its settle) but never its
+    settle, and held no lease: the job reads waiting, and every message for the attempt
+    would find it taken. While the worker lives, its recorder is still writing: left alone.
+    Once it is gone, the sweep that finds the message taken settles the attempt as lost."""
     from sless_daemon.consumer import Consumer
+    from sless_daemon.store import step_event
 
     job_id = lifecycle.accept(SPEC)
-    Consumer(lifecycle.queue, "dead", lambda payload: False).take_one()
-    lifecycle.store.fence(job_id, 1, "dead")  # its claim, alone
-    assert lifecycle.store.get(job_id)["state"] == "submitted"
+    worker = Consumer(lifecycle.queue, f"w-{uuid.uuid4().hex[:6]}", lambda payload: False)
+    worker.worker.register_birth()
+    worker.take_one()
+    lifecycle.store.events.insert_one(step_event(job_id, 1, "claim", worker.worker.name, run="r"))  # alone
+    assert stuck_sweep(lifecycle).sweep()["orphans"] == 0
+    assert lifecycle.store.get(job_id)["attempts"] == 0  # not settled, not sent again: its worker lives
+    assert lifecycle.queue.taken_before(float("inf")) == [message_id(job_id, 0)]  # watched still
+    worker.worker.register_death()
     assert stuck_sweep(lifecycle).sweep()["orphans"] == 0  # nothing sent again...
     doc = lifecycle.store.get(job_id)
     assert doc["attempts"] == 1 and doc["attempt_errors"][0]["type"] == "worker_lost"  # ...it was settled
     assert doc["state"] == "submitted" and doc["retry_at"] is not None
     assert lifecycle.store.due_retries(utcnow() + timedelta(hours=1))[0]["job_id"] == job_id
+
+
+def test_a_withdrawal_that_stopped_halfway_is_finished_by_the_sweep(lifecycle):
+    """The enqueue failed, the first attempt was fenced for nobody, and MongoDB went away
+    before the record was removed: the sweep removes it instead of running the job."""
+    from sless_daemon.consumer import Consumer
+    from sless_daemon.store import WITHDRAWN
+
+    job_id = lifecycle.accept(SPEC)
+    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    lifecycle.store.fence(job_id, 1, WITHDRAWN)
+    stuck_sweep(lifecycle).sweep()
+    assert lifecycle.store.get(job_id) is None and lifecycle.queue.depth() == 0
+
+
+def test_a_stuck_message_is_forgotten_by_one_sweeper(lifecycle):
+    """Two sweepers list the same stuck message: one takes it over; and a message a worker
+    took again since the listing is not forgotten."""
+    from sless_daemon.consumer import Consumer
+
+    job_id = lifecycle.accept(SPEC)
+    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    queue, taken = lifecycle.queue, message_id(job_id, 0)
+    assert not queue.forget_stuck(taken, time.time() - 60)  # taken later than that
+    assert queue.forget_stuck(taken, time.time()) and not queue.forget_stuck(taken, time.time())
+    assert 0 < queue.connection.ttl(f"rq:job:{taken}") <= 600
 
 
 def test_a_retry_settled_with_its_claim_and_never_noted_is_noted_by_the_sweep(lifecycle):
@@ -484,6 +517,34 @@ def test_a_retry_settled_with_its_claim_and_never_noted_is_noted_by_the_sweep(li
     assert [r["job_id"] for r in lifecycle.store.due_retries(utcnow())] == [job_id]
     recovery.sweep()  # the retry is sent: attempt 2's message waits
     assert message(lifecycle, job_id, 1)["attempt"] == 2
+
+
+def test_a_retry_claimed_with_its_settle_keeps_its_message_taken_until_noted(lifecycle, monkeypatch):
+    """The message of an attempt claimed with its settle is what the sweep recovers it by: for
+    a retry it is marked finished only once the retry is noted (here noting fails)."""
+    from sless_daemon.consumer import Consumer
+    from sless_daemon.errors import DependencyDown
+
+    job_id = lifecycle.accept(SPEC)
+    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    job = lifecycle.attempt_of(message(lifecycle, job_id))
+
+    def refused(*args):
+        raise DependencyDown("MongoDB", "gone")
+
+    monkeypatch.setattr(lifecycle.store, "schedule_retry", refused)
+    with pytest.raises(DependencyDown):
+        lifecycle.finish_many([(job, AttemptOutcome(error=failed(ErrorType.EXCEPTION, "x")), None)], claims=["r"])
+    assert lifecycle.store.get(job_id)["retry_at"] is not None  # settled as a retry...
+    assert lifecycle.queue.taken_before(float("inf")) == [message_id(job_id, 0)]  # ...its message still taken
+
+
+def test_a_claim_held_back_gets_a_whole_lease_from_when_it_is_written(lifecycle):
+    job_id = lifecycle.accept(SPEC)
+    job = {**lifecycle.attempt_of(message(lifecycle, job_id)), "started_at": utcnow() - timedelta(seconds=9)}
+    assert lifecycle.claim(job)
+    [lease] = lifecycle.store.leases_of(lifecycle.owner)
+    assert lease["until"] > utcnow() + timedelta(seconds=lifecycle.settings.lease_s - 1)
 
 
 def test_busy_workers_are_those_handling_a_message(lifecycle):

@@ -43,7 +43,7 @@ SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning
 WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
 CANCEL_CHECK_BACKOFF_S = 30.0
-WITH_SETTLE = "with settle"  # the claim's result for such an attempt
+WITH_SETTLE = "with settle"  # the claimer's answer for a quiet attempt that ended within the hold
 
 
 def run_job(message: dict) -> None:

@@ -175,7 +175,7 @@ class Recovery:
         if job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempt - 1:
             return False
         claim = self.store.step_taken(job["_id"], attempt, "claim")
-        return bool(claim and claim.get("run") and self.lifecycle.queue.worker_alive(claim["owner"]))
+        return claim is not None and claim.get("run") is not None and self.lifecycle.queue.worker_alive(claim["owner"])
 
     def mend_claimed(self, job: dict, attempt: int, claim: dict) -> None:
         """A job that reads waiting although its next attempt is claimed: a cancel or a
@@ -190,7 +190,7 @@ class Recovery:
             self.lifecycle.cancel_before_start(job)
         elif owner == WITHDRAWN:
             self.store.withdraw(job["_id"])
-        elif claim.get("run") and not self.lifecycle.queue.worker_alive(owner):
+        elif claim.get("run") is not None and not self.lifecycle.queue.worker_alive(owner):
             self.settle_lost_claim(job, attempt, owner)
 
     def settle_lost_claim(self, job: dict, attempt: int, worker: str) -> None:

@@ -26,7 +26,7 @@ from datetime import timedelta
 
 from .errors import DependencyDown
 from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
-from .queue import attempt_of
+from .queue import attempt_of, message_id
 from .states import JobState
 from .store import WITHDRAWN
 
@@ -134,9 +134,6 @@ class Recovery:
             job = self.store.get(named[0]) if named else None
             if job is not None:
                 self.note_retry(job, named[1] + 1)
-                if self.claim_being_written(job, named[1] + 1):
-                    queue.note_taken(message, cutoff)  # looked at again at the next check
-                    continue
                 count += self.send_again(job, named[1], "had its message taken by a worker that never claimed it")
         return count
 
@@ -169,14 +166,6 @@ class Recovery:
             if self.store.taken_by(job["_id"], attempt, "enqueue") is not None:  # another sweeper sent it meanwhile
                 self.store.forget_retry(job["_id"], attempt)
 
-    def claim_being_written(self, job: dict, attempt: int) -> bool:
-        """Whether a live worker claimed this waiting attempt with its settle and is still
-        writing the settle (its recorder retries while MongoDB refuses)."""
-        if job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempt - 1:
-            return False
-        claim = self.store.step_taken(job["_id"], attempt, "claim")
-        return claim is not None and claim.get("run") is not None and self.lifecycle.queue.worker_alive(claim["owner"])
-
     def mend_claimed(self, job: dict, attempt: int, claim: dict) -> None:
         """A job that reads waiting although its next attempt is claimed: a cancel or a
         withdrawal that stopped halfway is finished; a claim written with its settle (it
@@ -184,14 +173,18 @@ class Recovery:
         the settle was refused), by a worker no longer alive, is settled as lost, since
         every message for that attempt would find its claim taken and the job wait for
         ever. A claim with a lease is the lease sweep's (the job read before it came in);
-        a live worker's is on its way (its recorder retries)."""
+        a live worker's is on its way (its recorder retries): its message is watched again."""
         owner = claim.get("owner")
         if owner == CANCEL_FENCE:
             self.lifecycle.cancel_before_start(job)
         elif owner == WITHDRAWN:
             self.store.withdraw(job["_id"])
-        elif claim.get("run") is not None and not self.lifecycle.queue.worker_alive(owner):
-            self.settle_lost_claim(job, attempt, owner)
+        elif claim.get("run") is not None:  # written with its settle, which is not in
+            if self.lifecycle.queue.worker_alive(owner):  # looked at again at the next check
+                self.lifecycle.queue.note_taken(message_id(job["_id"], attempt - 1),
+                                                time.time() - self.lifecycle.settings.lease_s)
+            else:
+                self.settle_lost_claim(job, attempt, owner)
 
     def settle_lost_claim(self, job: dict, attempt: int, worker: str) -> None:
         """Settle as lost an attempt whose claim went in without its settle (`mend_claimed`)."""

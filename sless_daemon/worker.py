@@ -355,8 +355,9 @@ class AttemptWatch(Watch):
         return self.claim.done() and self.claim.exception() is None and self.claim.result() is True
 
     def quiet(self) -> bool:
-        """Whether nothing of the attempt is waiting to be published (its claim may then wait for its settle)."""
-        return not self.wrote and not self.told
+        """Whether the attempt wrote nothing, so nothing waits to be published (its claim may then wait
+        for its settle). "running" goes out only once a claim stands, so it cannot have gone out yet."""
+        return not self.wrote
 
     def output(self, stream: str, data: bytes) -> None:
         self.wrote = True

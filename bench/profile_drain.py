@@ -1,8 +1,9 @@
 """Profile (not a test): where the time of a draining sless worker goes.
 
-    python3 bench/profile_drain.py [--jobs 1000] [--workers 1] [--spy] [--set claim_hold_s=0 ...]
+    python3 bench/profile_drain.py [--jobs 1000] [--workers 1] [--function double|cpu10] [--spy]
+                                   [--set claim_hold_s=0 ...]
 
-Submits `--jobs` `return input * 2` jobs with no worker running, starts the pool, and
+Submits `--jobs` jobs of `--function` (bench/tasks.py; `double` is `return input * 2`) with no worker running, starts the pool, and
 waits until all are recorded (counting cheaply, as bench/compare.py does). Prints
 jobs/s (from starting the pool, so a little below compare.py's) and the CPU each job
 cost every process on the machine, grouped by command line, from /proc: the workers,
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import compare  # noqa: E402
+import tasks  # noqa: E402
 from tests.stack import Stack  # noqa: E402
 
 SPY_SECONDS = 12
@@ -83,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--function", choices=sorted(tasks.SLESS_CODE), default="double")
     parser.add_argument("--spy", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting of the stack (settings.py field), e.g. claim_hold_s=0 to compare")
@@ -92,7 +95,7 @@ def main() -> None:
     try:
         session = requests.Session()
         for i in range(args.jobs):
-            session.post(stack.url + "/submit", json={"code": "return input * 2", "input": i}).raise_for_status()
+            session.post(stack.url + "/submit", json={"code": tasks.SLESS_CODE[args.function], "input": i}).raise_for_status()
         stack.workers = args.workers
         commands_before = mongo_commands(stack)
         before, started = cpu_table(), time.monotonic()

@@ -43,7 +43,7 @@ SANDBOX_UNAVAILABLE_EXIT = 78  # EX_CONFIG: the pool stops instead of respawning
 WRITE_RETRY_FIRST_S = 0.5
 WRITE_RETRY_MAX_S = 10.0
 CANCEL_CHECK_BACKOFF_S = 30.0
-WITH_SETTLE = "with settle"  # the claimer's answer for a quiet attempt that ended within the hold
+WITH_SETTLE = "with settle"  # a quiet attempt that ended within the hold: its claim goes in with its settle
 
 
 def run_job(message: dict) -> None:
@@ -71,15 +71,15 @@ class AttemptRunner:
     at its next check (AttemptWatch.interval_s) and its outcome discarded, as if it had
     never run.
 
-    Most attempts are short, so the claimer first waits up to `claim_hold_s` for the
-    attempt to end. One that ends within it and wrote nothing has no lease: its claim
+    Most attempts are short, so a sandboxed attempt's claim is held back for up to
+    `claim_hold_s` (Claim). One that ends within it and wrote nothing has no lease: its claim
     goes into MongoDB with its settle, in one ordered insert that stops at a claim taken
     before (store.settle_many), and its message is marked finished only once that is
     written, so a worker that dies first leaves it to the recovery sweep, as a message
     taken and never claimed. Such a job costs MongoDB one write instead of three (the
     lease, the claim, the settle; and the lease's delete) and its outcome waits for no
-    other. An attempt that runs on, or has output to publish, gets its lease, then its
-    claim event, as before. Without a sandbox (`--insecure-no-sandbox`) code can reach
+    other, nor any thread. An attempt that runs on, or has output to publish, gets its
+    lease, then its claim event, from the claimer thread. Without a sandbox (`--insecure-no-sandbox`) code can reach
     the world, so there the claim is written first.
     """
 
@@ -103,23 +103,21 @@ class AttemptRunner:
             self.fail_unreadable(job, e, timings, fields)
             return True
         claim_first = self.executor.sandbox is None  # no sandbox (--insecure): the code could reach the world
-        hold = ClaimHold() if not claim_first and self.lifecycle.settings.claim_hold_s > 0 else None
-        claim = self.claims.submit(self.claim, job, spec, timings, fields, hold)
-        if claim_first and not claim.result():
+        hold_s = 0.0 if claim_first else self.lifecycle.settings.claim_hold_s
+        claim = Claim(self, job, spec, timings, fields)
+        if not hold_s:
+            claim.start()
+        if claim_first and not claim.start().result():
             log_duplicate(job, fields)
             return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
                    "timeout_s": spec.timeout_s}
-        watch = AttemptWatch(self.lifecycle, job["_id"], job["attempts"], self.worker_name, claim)
-        quiet = False
+        watch = AttemptWatch(self.lifecycle, job["_id"], job["attempts"], self.worker_name, claim, hold_s)
+        outcome = self.execute(spec, context, watch)
         try:
-            outcome = self.execute(spec, context, watch)
-            quiet = watch.quiet()
-        finally:
-            if hold is not None:
-                hold.end(quiet)
-        try:
-            claimed = claim.result()  # MongoDB refusing raises: the consumer leaves the message to the sweep
+            # Never started: a quiet attempt that ended within the hold. Its claim goes in with its settle.
+            # MongoDB refusing the claim raises: the consumer leaves the message to the sweep.
+            claimed = WITH_SETTLE if not claim.started and watch.quiet() else claim.start().result()
             if not claimed:
                 log_duplicate(job, fields)
                 return True
@@ -134,11 +132,8 @@ class AttemptRunner:
         finally:
             self.executor.prepare()
 
-    def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict, hold: ClaimHold | None) -> bool | str:
-        """Claim the attempt (in the claimer thread): WITH_SETTLE for a quiet attempt that
-        ended within the hold; else its lease and claim event, then renew the lease."""
-        if hold is not None and hold.wait(self.lifecycle.settings.claim_hold_s):
-            return WITH_SETTLE
+    def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict) -> bool:
+        """Claim the attempt (in the claimer thread): its lease and claim event, then renew the lease."""
         if not self.lifecycle.claim(job):
             return False
         timings["claimed_at"] = time.time()
@@ -198,20 +193,36 @@ class Finished:
     claim_run: str | None = None  # it has no lease: its claim, naming this run, goes in with its settle
 
 
-class ClaimHold:
-    """How the runner tells its claimer that the attempt ended, and whether quietly."""
+class Claim:
+    """One attempt's claim, written by the claimer thread once started (see AttemptRunner).
 
-    def __init__(self):
-        self.ended = threading.Event()
-        self.quiet = False
+    A sandboxed attempt's claim is held back: it starts once the attempt has run
+    `claim_hold_s` or written something (AttemptWatch). One that ends quiet before that
+    never starts it, so its claim costs no thread hand-off: it goes in with its settle.
+    """
 
-    def end(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.ended.set()
+    def __init__(self, runner: AttemptRunner, job: dict, spec: JobSpec, timings: dict, fields: dict):
+        self.runner = runner
+        self.args = (job, spec, timings, fields)
+        self.future: concurrent.futures.Future | None = None
 
-    def wait(self, seconds: float) -> bool:
-        """Whether the attempt ended quietly within `seconds`."""
-        return self.ended.wait(seconds) and self.quiet
+    @property
+    def started(self) -> bool:
+        return self.future is not None
+
+    def start(self) -> concurrent.futures.Future:
+        """Have the claimer write the claim (once); its future says whether it stands."""
+        if self.future is None:
+            self.future = self.runner.claims.submit(self.runner.claim, *self.args)
+        return self.future
+
+    def stands(self) -> bool:
+        future = self.future
+        return future is not None and future.done() and future.exception() is None and future.result() is True
+
+    def refused(self) -> bool:
+        """Written and lost (taken before), or not written (MongoDB refused): this run is discarded."""
+        return self.future is not None and self.future.done() and not self.stands()
 
 
 class Recorder:
@@ -325,20 +336,22 @@ class Recorder:
 
 class AttemptWatch(Watch):
     """Tells the job's feed that the attempt runs and what it writes; asks Redis, every
-    `interval_s` once the attempt has run that long, whether it was cancelled.
+    `CANCEL_CHECK_S` once the attempt has run that long, whether it was cancelled.
 
     Nothing is told before the attempt's claim stands (`claim`, see AttemptRunner): until
-    then output is held, and a failed claim stops the attempt. The "running" entry goes
+    then output is held, and a failed claim stops the attempt. A held-back claim is
+    started here, at the first output or once the hold is over: until then the capture
+    loop wakes at least every `claim_hold_s` (`interval_s`). The "running" entry goes
     out with the first output or at the first cancel check, so a job of a few
     milliseconds that prints nothing costs no Redis call here at all (its end is
     announced with the settle). Redis being away never stops the attempt: its feed is
     incomplete and a cancel waits.
     """
 
-    interval_s = 0.25
+    CANCEL_CHECK_S = 0.25
 
-    def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str,
-                 claim: concurrent.futures.Future):
+    def __init__(self, lifecycle: Lifecycle, job_id: str, attempt: int, worker: str, claim: Claim,
+                 hold_s: float = 0.0):
         self.queue = lifecycle.queue
         self.feed = lifecycle.feed
         self.job_id = job_id
@@ -346,13 +359,20 @@ class AttemptWatch(Watch):
         self.worker = worker
         self.claim = claim
         self.output_feed = OutputFeed(lifecycle.feed, job_id, attempt)
-        self.next_check = time.monotonic() + self.interval_s
+        now = time.monotonic()
+        self.hold_until = now + hold_s
+        self.interval_s = hold_s if hold_s and not claim.started else self.CANCEL_CHECK_S  # the capture loop's wake-ups
+        self.next_check = now + self.CANCEL_CHECK_S
         self.told = False
         self.wrote = False
 
     def claimed(self) -> bool:
         """Whether the claim stands (not one that goes in with the settle: that attempt has ended)."""
-        return self.claim.done() and self.claim.exception() is None and self.claim.result() is True
+        return self.claim.stands()
+
+    def start_claim(self) -> None:
+        self.claim.start()
+        self.interval_s = self.CANCEL_CHECK_S
 
     def quiet(self) -> bool:
         """Whether the attempt wrote nothing, so nothing waits to be published (its claim may then wait
@@ -362,18 +382,24 @@ class AttemptWatch(Watch):
     def output(self, stream: str, data: bytes) -> None:
         self.wrote = True
         self.output_feed.add(stream, data)
-        if self.claimed():
+        if not self.claim.started:
+            self.start_claim()  # what it wrote goes out once the claim stands
+        elif self.claimed():
             self.publish()
 
     def cancelled(self) -> bool:
+        if not self.claim.started:
+            if time.monotonic() < self.hold_until:
+                return False
+            self.start_claim()  # it runs on: claimed now, with a lease
         if not self.claimed():
-            return self.claim.done()  # taken before, or not written: this run will be discarded
+            return self.claim.refused()  # taken before, or not written: this run will be discarded
         self.publish()  # what a quiet job wrote last still goes out within a flush period
         now = time.monotonic()
         if now < self.next_check:
             return False
         self.tell_running()
-        self.next_check = now + self.interval_s
+        self.next_check = now + self.CANCEL_CHECK_S
         try:
             return self.queue.cancel_requested(self.job_id, self.attempt)
         except DependencyDown:

@@ -9,17 +9,27 @@ import uuid
 
 from sless_daemon.feed import Feed
 from sless_daemon.queue import JobQueue, connect_redis
-from sless_daemon.worker import AttemptWatch
+from sless_daemon.worker import AttemptWatch, Claim
 from stack import REDIS_URL
 
 
-def watch_with_claim() -> tuple[AttemptWatch, concurrent.futures.Future, Feed, str]:
+def claim_answering(future: concurrent.futures.Future) -> Claim:
+    """A claim whose claimer thread's answer is `future`, set by the test."""
+    runner = types.SimpleNamespace(claims=types.SimpleNamespace(submit=lambda *_: future), claim=None)
+    return Claim(runner, {}, None, {}, {})
+
+
+def watch_with_claim(hold_s: float = 0.0) -> tuple[AttemptWatch, concurrent.futures.Future, Feed, str]:
+    """A watch whose claim is started at once (hold 0), or held back for `hold_s`."""
     connection = connect_redis(REDIS_URL)
     feed = Feed(connection)
     lifecycle = types.SimpleNamespace(queue=JobQueue(connection, f"watch-{uuid.uuid4().hex[:8]}"), feed=feed)
-    claim: concurrent.futures.Future = concurrent.futures.Future()
+    answer: concurrent.futures.Future = concurrent.futures.Future()
+    claim = claim_answering(answer)
+    if not hold_s:
+        claim.start()
     job_id = uuid.uuid4().hex
-    return AttemptWatch(lifecycle, job_id, 1, "w-test", claim), claim, feed, job_id
+    return AttemptWatch(lifecycle, job_id, 1, "w-test", claim, hold_s), answer, feed, job_id
 
 
 def kinds(feed: Feed, job_id: str) -> list[tuple]:
@@ -55,3 +65,22 @@ def test_once_the_claim_stands_what_was_held_goes_out_after_running():
     claim.set_result(True)
     watch.done()  # the runner's call once the claim stands
     assert kinds(feed, job_id) == [("state", "running"), ("output", "held\n")]
+
+
+def test_a_held_back_claim_starts_once_the_hold_is_over():
+    watch, _, _, _ = watch_with_claim(hold_s=0.2)
+    assert watch.interval_s == 0.2  # the capture loop wakes when the hold ends
+    assert not watch.cancelled() and not watch.claim.started
+    watch.hold_until = 0.0  # the hold is over
+    assert not watch.cancelled()  # the claim is being written: the attempt goes on
+    assert watch.claim.started and watch.interval_s == AttemptWatch.CANCEL_CHECK_S
+
+
+def test_output_starts_a_held_back_claim_and_waits_for_it():
+    watch, answer, feed, job_id = watch_with_claim(hold_s=60)
+    watch.output("stdout", b"hello\n")
+    assert watch.claim.started and not watch.quiet()
+    assert kinds(feed, job_id) == []  # held until the claim stands
+    answer.set_result(True)
+    watch.done()
+    assert kinds(feed, job_id) == [("state", "running"), ("output", "hello\n")]

@@ -157,10 +157,13 @@ class Watch:
     """What the capture loop tells and asks while an attempt runs; this one does nothing.
 
     The worker's (worker.AttemptWatch) publishes output to the job's feed and checks for
-    a cancel request every `interval_s`.
+    a cancel request. The loop asks `cancelled` at least every `interval_s`.
     """
 
     interval_s = 3600.0
+
+    def sandbox_starting(self) -> None:
+        """The attempt waits for a fork server to start (tens of ms; up to jobhost.READY_TIMEOUT_S)."""
 
     def output(self, stream: str, data: bytes) -> None:
         """Bytes the attempt wrote on "stdout" or "stderr" (only what the cap kept)."""

@@ -86,7 +86,7 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         timings = {"sandbox_asked_at": time.time()}
-        ordered = self._take_spare(spec.limits) or self._order(spec.limits)
+        ordered = self._take_spare(spec.limits) or self._order(spec.limits, watch)
         try:
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
@@ -178,29 +178,32 @@ class Executor:
         if self.reap_orphans:
             reap_orphans()
 
-    def _ready_host(self) -> JobHost:
+    def _ready_host(self, watch: Watch | None = None) -> JobHost:
         if self.host is not None and not self.host.alive:
             if not self.host.stopped:  # not by us (after an attempt that did not end by itself)
                 log.warning("the sandbox of %s exited (code %s); starting a new one", self.name,
                             self.host.process.poll())
             self.close()
         if self.host is None:
+            if watch is not None:
+                watch.sandbox_starting()
             self.host = JobHost.start(self.settings, self.sandbox, self.name, reap_init=self.reap_orphans)
         return self.host
 
-    def _order(self, limits: Limits) -> Ordered:
-        """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone."""
+    def _order(self, limits: Limits, watch: Watch | None = None) -> Ordered:
+        """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone
+        (`watch`, if the attempt waits for it, is told first)."""
         self.collect_ended()
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         started = time.perf_counter()
         try:
-            host = self._ready_host()
+            host = self._ready_host(watch)
             try:
                 pipes = host.begin(limits, workdir)
             except OSError as e:
                 log.warning("the sandbox of %s stopped taking attempts (%s); starting a new one", self.name, e)
                 self.close()
-                host = self._ready_host()
+                host = self._ready_host(watch)
                 pipes = host.begin(limits, workdir)
         except BaseException:
             if workdir:

@@ -37,12 +37,12 @@ MARKER_KEY = "sless:recovery:marker"
 class Recovery:
     """One sweeper; `sweep` is safe to call from several processes and hosts at once."""
 
-    def __init__(self, lifecycle: Lifecycle, full_scan_at_start: bool = True):
+    def __init__(self, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
         self.store = lifecycle.store
         self.outage: str | None = None
         self.next_orphan_scan = 0.0
-        self.next_full_scan = 0.0 if full_scan_at_start else time.monotonic() + lifecycle.settings.orphan_full_scan_interval_s
+        self.next_full_scan = 0.0
         self.marker_seen: bytes | None = None
 
     def sweep(self) -> dict[str, int]:
@@ -55,10 +55,6 @@ class Recovery:
         with 10,000 jobs on FerretDB), so it runs at start, as soon as Redis shows it
         lost its data (`redis_forgot`) and once more a grace later, every `orphan_grace_s`
         while it keeps finding orphans, and otherwise once per `orphan_full_scan_interval_s`.
-        A worker pool skips the scan at start (`full_scan_at_start=False`) unless Redis lost
-        its data: with Redis intact only a daemon that died between a job's insert and its
-        enqueue leaves an orphan, and the daemon scans when it starts again. So starting
-        workers does not read every job ever stored while they drain the queue.
         """
         try:
             counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}

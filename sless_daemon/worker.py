@@ -68,7 +68,7 @@ class AttemptRunner:
     next attempt) until this worker publishes it, and the worker publishes nothing of it
     (output, "running", outcome) before its claim stands. An attempt whose claim fails
     (a duplicate message, a cancel that fenced it first, or MongoDB refusing) is stopped
-    at its next check (AttemptWatch.interval_s) and its outcome discarded, as if it had
+    at its next check (AttemptWatch.CANCEL_CHECK_S) and its outcome discarded, as if it had
     never run.
 
     Most attempts are short, so a sandboxed attempt's claim is held back for up to
@@ -78,9 +78,10 @@ class AttemptRunner:
     written, so a worker that dies first leaves it to the recovery sweep, as a message
     taken and never claimed. Such a job costs MongoDB one write instead of three (the
     lease, the claim, the settle; and the lease's delete) and its outcome waits for no
-    other, nor any thread. An attempt that runs on, or has output to publish, gets its
-    lease, then its claim event, from the claimer thread. Without a sandbox (`--insecure-no-sandbox`) code can reach
-    the world, so there the claim is written first.
+    other, nor any thread. An attempt that runs on, has output to publish, or waits for a
+    fork server to start gets its lease, then its claim event, from the claimer thread.
+    Without a sandbox (`--insecure-no-sandbox`) code can reach the world, so there the
+    claim is written first.
     """
 
     def __init__(self, lifecycle: Lifecycle, executor: Executor, worker_name: str):
@@ -117,7 +118,7 @@ class AttemptRunner:
         try:
             # Never started: a quiet attempt that ended within the hold. Its claim goes in with its settle.
             # MongoDB refusing the claim raises: the consumer leaves the message to the sweep.
-            claimed = WITH_SETTLE if not claim.started and watch.quiet() else claim.start().result()
+            claimed = WITH_SETTLE if watch.ended_quiet_within_hold() else claim.start().result()
             if not claimed:
                 log_duplicate(job, fields)
                 return True
@@ -374,10 +375,14 @@ class AttemptWatch(Watch):
         self.claim.start()
         self.interval_s = self.CANCEL_CHECK_S
 
-    def quiet(self) -> bool:
-        """Whether the attempt wrote nothing, so nothing waits to be published (its claim may then wait
-        for its settle). "running" goes out only once a claim stands, so it cannot have gone out yet."""
-        return not self.wrote
+    def ended_quiet_within_hold(self) -> bool:
+        """Whether the attempt ended within the hold, its claim not started, having written nothing, so
+        nothing waits to be published and its claim may go in with its settle. Bounded by the hold,
+        whatever delayed the capture loop: the sweep sends again a message taken a lease ago, unclaimed."""
+        return not self.claim.started and not self.wrote and time.monotonic() <= self.hold_until
+
+    def sandbox_starting(self) -> None:
+        self.start_claim()  # a held claim does not wait for a fork server's start
 
     def output(self, stream: str, data: bytes) -> None:
         self.wrote = True

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from sless_daemon.capture import Watch
 from sless_daemon.executor import Executor
 from sless_daemon.limits import resolve
 from sless_daemon.sandbox import build_sandbox
@@ -207,3 +208,20 @@ def test_threads_left_running_do_not_hold_the_attempt_open(executor):
     outcome = run(executor, code, timeout_s=5)
     assert outcome.result == "returned"
     assert outcome.duration_ms < 3000  # ended when the function returned, not at the 5 s limit
+
+
+def test_an_attempt_that_waits_for_a_fork_server_is_told(executor):
+    """The worker's held-back claim starts then (worker.AttemptWatch), not after the wait."""
+
+    class Told(Watch):
+        starts = 0
+
+        def sandbox_starting(self) -> None:
+            self.starts += 1
+
+    executor.close()  # no fork server: the next attempt waits for one
+    spec = JobSpec(code="return input * 2", input=21, limits=resolve({}, SETTINGS), retries=0)
+    first, second = Told(), Told()
+    assert executor.run(spec, watch=first).result == 42 and first.starts == 1
+    executor.prepare()  # a server and a spare are ready: nothing to wait for
+    assert executor.run(spec, watch=second).result == 42 and second.starts == 0

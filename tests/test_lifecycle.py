@@ -195,23 +195,6 @@ def test_a_lost_message_is_enqueued_again(lifecycle):
     assert Recovery(lifecycle).sweep()["orphans"] == 0  # now queued: left alone
 
 
-def test_a_pool_reads_every_job_at_start_only_when_redis_lost_its_data(lifecycle):
-    """A pool's sweeper leaves the full scan to the daemon while Redis kept its data, and
-    scans at once when Redis forgot (its marker gone)."""
-    from sless_daemon.recovery import MARKER_KEY, Recovery
-
-    Recovery(lifecycle).sweep()  # an earlier sweeper left its marker: Redis kept its data since
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # an orphan, as a daemon dying before enqueue leaves
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
-    assert Recovery(lifecycle, full_scan_at_start=False).sweep()["orphans"] == 0
-    assert lifecycle.queue.depth() == 0
-    lifecycle.queue.connection.delete(MARKER_KEY)  # Redis lost its data
-    assert Recovery(lifecycle, full_scan_at_start=False).sweep()["orphans"] == 1
-    assert lifecycle.queue.depth() == 1
-
-
 def other_worker(lifecycle: Lifecycle, name: str = "w2") -> Lifecycle:
     """The same store and queue, seen from another process."""
     return Lifecycle(lifecycle.settings, lifecycle.store, lifecycle.queue, owner=name)

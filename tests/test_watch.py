@@ -71,7 +71,9 @@ def test_a_held_back_claim_starts_once_the_hold_is_over():
     watch, _, _, _ = watch_with_claim(hold_s=0.2)
     assert watch.interval_s == 0.2  # the capture loop wakes when the hold ends
     assert not watch.cancelled() and not watch.claim.started
+    assert watch.ended_quiet_within_hold()  # were it to end now, its claim would go in with its settle
     watch.hold_until = 0.0  # the hold is over
+    assert not watch.ended_quiet_within_hold()  # however late the capture loop looks
     assert not watch.cancelled()  # the claim is being written: the attempt goes on
     assert watch.claim.started and watch.interval_s == AttemptWatch.CANCEL_CHECK_S
 
@@ -79,8 +81,14 @@ def test_a_held_back_claim_starts_once_the_hold_is_over():
 def test_output_starts_a_held_back_claim_and_waits_for_it():
     watch, answer, feed, job_id = watch_with_claim(hold_s=60)
     watch.output("stdout", b"hello\n")
-    assert watch.claim.started and not watch.quiet()
+    assert watch.claim.started and not watch.ended_quiet_within_hold()
     assert kinds(feed, job_id) == []  # held until the claim stands
     answer.set_result(True)
     watch.done()
     assert kinds(feed, job_id) == [("state", "running"), ("output", "hello\n")]
+
+
+def test_a_fork_server_start_starts_a_held_back_claim():
+    watch, _, _, _ = watch_with_claim(hold_s=60)
+    watch.sandbox_starting()
+    assert watch.claim.started and not watch.ended_quiet_within_hold()

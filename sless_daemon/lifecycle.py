@@ -218,23 +218,42 @@ class Lifecycle:
         Redis restart cannot lose them and no RQ scheduler process is needed. Safe
         to run from several places at once: each job is taken atomically.
         """
-        count = 0
-        for retry in self.store.due_retries(utcnow(), limit):
+        count, now = 0, utcnow()
+        abandoned_before = now - timedelta(seconds=self.settings.lease_s)
+        for retry in self.store.due_retries(now, limit):
             job_id, attempts = retry["job_id"], retry["attempts"]
-            if not self.store.take_retry(job_id, attempts, self.owner):
-                continue
-            try:
-                job = self.store.get(job_id)
-                if job is not None and self._cancel_requested(job_id, attempts):
-                    self.cancel_before_start(job)  # cancelled while its failed attempt was being settled
-                elif job is not None:
-                    self.queue.enqueue(job, attempts)
-            except Exception:
-                self.store.release_retry(job_id, attempts)
-                raise
+            if self.store.take_retry(job_id, attempts, self.owner):
+                try:
+                    self._send_retry(self.store.get(job_id), attempts)
+                except Exception:
+                    self.store.release_retry(job_id, attempts)
+                    raise
+            elif retry["at"] <= abandoned_before:
+                self._take_over_retry(job_id, attempts)
+            else:
+                continue  # on its way from the sweeper that took it
             self.store.forget_retry(job_id, attempts)
             count += 1
         return count
+
+    def _send_retry(self, job: dict | None, attempts: int) -> None:
+        if job is not None and self._cancel_requested(job["_id"], attempts):
+            self.cancel_before_start(job)  # cancelled while its failed attempt was being settled
+        elif job is not None:
+            self.queue.enqueue(job, attempts)
+
+    def _take_over_retry(self, job_id: str, attempts: int) -> None:
+        """Send a retry that another sweeper took a lease ago and never sent: it died between
+        taking it and enqueuing it (a live one sends it within milliseconds, or gives it back),
+        and only a full orphan scan would find the job otherwise. Only if the job still waits
+        for it and Redis has no message for it (a duplicate message would find the claim taken)."""
+        job = self.store.get(job_id)
+        if (job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempts
+                or not self.queue.missing([(job_id, attempts)], self.settings.lease_s)):
+            return  # it moved on, or was sent before its sweeper died
+        log.warning("job %s: the sweeper that took its retry never sent it; sending it now", job_id,
+                    extra={"job_id": job_id})
+        self._send_retry(job, attempts)
 
     def _settle(self, settlements: list[Settlement], drop_leases: bool = True) -> list[Decision]:
         """Write the settle events; then announce those written now, schedule the retries

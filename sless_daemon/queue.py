@@ -251,6 +251,11 @@ class JobQueue:
         return self.connection.get(key), True
 
     @redis_call
+    def server_run(self) -> str:
+        """Redis's run id: a new one each time the server starts (recovery.redis_forgot)."""
+        return self.connection.info("server")["run_id"]
+
+    @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:
         """Indexes of the (job_id, attempts) pairs that no worker will start from Redis.
 

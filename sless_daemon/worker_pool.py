@@ -71,7 +71,7 @@ class WorkerPool:
         self.grace_s = grace_s
         self.pool_id = f"{socket.gethostname()}.{os.getpid()}"
         self.stop_requested = threading.Event()
-        self.recovery = Recovery(lifecycle)
+        self.recovery = Recovery(lifecycle, full_scan_at_start=False)  # see Recovery.sweep
         self.insecure = insecure
         self.exit_code = 0
         self.generations = 0

@@ -63,14 +63,20 @@ class PrivateService:
 
 
 class PrivateRedis(PrivateService):
-    """Redis without persistence: a restart loses everything, as the chaos tests want."""
+    """Redis without persistence: a restart loses everything, as the chaos tests want. With
+    `persistent`, the append-only file as docker-compose.yml runs it (`appendfsync everysec`)."""
+
+    def __init__(self, workdir: Path, persistent: bool = False):
+        super().__init__(workdir)
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        return ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
+        return ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence,
                 "--dir", str(self.workdir)]
 
 

@@ -138,6 +138,58 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
     assert sum(counts) == 20 and lifecycle.queue.depth() == 20
 
 
+def test_a_retry_taken_by_a_sweeper_that_died_is_sent_a_lease_later(lifecycle):
+    """A sweeper that took a retry (its /enqueue event) and died before enqueuing it: the due
+    retries' sweep sends it once it has been due a lease, not before, and only once."""
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
+    lifecycle.queue.rq_queue.empty()
+    assert lifecycle.store.take_retry(job_id, 1, "pool.dead-host.1")  # ...and then it died
+    assert lifecycle.enqueue_due_retries() == 0 and lifecycle.queue.depth() == 0  # on its way, as far as we know
+    lease_ago = utcnow() - timedelta(seconds=lifecycle.settings.lease_s + 1)
+    lifecycle.store.retries.update_many({}, {"$set": {"at": lease_ago}})
+    assert lifecycle.enqueue_due_retries() == 1 and lifecycle.queue.depth() == 1
+    assert lifecycle.enqueue_due_retries() == 0 and lifecycle.queue.depth() == 1  # forgotten: sent once
+
+
+def test_a_pool_reads_every_job_at_start_only_when_redis_lost_its_data(lifecycle):
+    """A pool's sweeper leaves the full scan to the daemon while Redis kept its data, and
+    scans at once when Redis forgot (its marker gone)."""
+    from sless_daemon.recovery import MARKER_KEY, Recovery
+
+    Recovery(lifecycle).sweep()  # an earlier sweeper left its marker: Redis kept its data since
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # an orphan, as a daemon dying before enqueue leaves
+    lifecycle.queue.rq_queue.empty()
+    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+    assert Recovery(lifecycle, full_scan_at_start=False).sweep()["orphans"] == 0
+    assert lifecycle.queue.depth() == 0
+    lifecycle.queue.connection.delete(MARKER_KEY)  # Redis lost its data
+    assert Recovery(lifecycle, full_scan_at_start=False).sweep()["orphans"] == 1
+    assert lifecycle.queue.depth() == 1
+
+
+def test_a_scan_after_redis_forgot_stays_due_until_one_goes_through(lifecycle, monkeypatch):
+    from sless_daemon.errors import DependencyDown
+    from sless_daemon.recovery import MARKER_KEY, Recovery
+
+    recovery = Recovery(lifecycle, full_scan_at_start=False)
+    recovery.sweep()
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.rq_queue.empty()
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0", MARKER_KEY)  # Redis lost its data
+    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+
+    def refused(*args):
+        raise DependencyDown("MongoDB", "gone")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lifecycle.store, "waiting_since", refused)
+        assert recovery.sweep() == {}  # the scan failed: MongoDB away
+    assert recovery.sweep()["orphans"] == 1  # the marker is back in place, the scan still due
+    assert lifecycle.queue.depth() == 1
+
+
 def test_a_retry_waits_for_its_time(lifecycle):
     job_id = lifecycle.accept(SPEC)
     lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
@@ -193,6 +245,34 @@ def test_a_lost_message_is_enqueued_again(lifecycle):
     assert Recovery(lifecycle).sweep()["orphans"] == 1
     assert lifecycle.queue.depth() == 1
     assert Recovery(lifecycle).sweep()["orphans"] == 0  # now queued: left alone
+
+
+def test_a_redis_restart_that_kept_its_data_is_caught_up_on(lifecycle, tmp_path):
+    """Redis restarted from its append-only file keeps the marker but may have lost its last
+    second of writes (an enqueue among them): the sweep scans every job, as when Redis
+    forgot all."""
+    from services import PrivateRedis
+    from sless_daemon.recovery import Recovery
+
+    redis = PrivateRedis(tmp_path / "redis", persistent=True).start()
+    try:
+        queue = JobQueue(connect_redis(redis.url), "restart")
+        here = Lifecycle(lifecycle.settings, lifecycle.store, queue, owner="test")
+        recovery = Recovery(here)
+        recovery.sweep()  # the marker is set, and this server's run seen
+        job_id = here.accept(SPEC)
+        queue.connection.delete(f"rq:job:{job_id}-0")  # the enqueue the crash lost
+        queue.rq_queue.empty()
+        here.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+        time.sleep(1.5)  # everysec: the marker and the removals are on disk
+        recovery.next_full_scan = recovery.next_orphan_scan = float("inf")  # only a restart may scan now
+        assert "orphans" not in recovery.sweep()
+        redis.kill()
+        redis.start()
+        assert recovery.sweep()["orphans"] == 1  # the one that saw the old server scans
+        assert queue.depth() == 1
+    finally:
+        redis.kill()
 
 
 def other_worker(lifecycle: Lifecycle, name: str = "w2") -> Lifecycle:

@@ -228,7 +228,7 @@ class Lifecycle:
                 except Exception:
                     self.store.release_retry(job_id, attempts)
                     raise
-            elif retry["at"] <= abandoned_before:
+            elif (self.store.retry_taken_at(job_id, attempts) or retry["at"]) <= abandoned_before:
                 self._take_over_retry(job_id, attempts)
             else:
                 continue  # on its way from the sweeper that took it
@@ -243,7 +243,8 @@ class Lifecycle:
             self.queue.enqueue(job, attempts)
 
     def _take_over_retry(self, job_id: str, attempts: int) -> None:
-        """Send a retry that another sweeper took a lease ago and never sent: it died between
+        """Send a retry that another sweeper took a lease ago (or, if it did not note when, that
+        has been due that long) and never sent: it died between
         taking it and enqueuing it (a live one sends it within milliseconds, or gives it back),
         and only a full orphan scan would find the job otherwise. Only if the job still waits
         for it and Redis has no message for it (a duplicate message would find the claim taken)."""

@@ -251,9 +251,13 @@ class JobQueue:
         return self.connection.get(key), True
 
     @redis_call
-    def server_run(self) -> str:
-        """Redis's run id: a new one each time the server starts (recovery.redis_forgot)."""
-        return self.connection.info("server")["run_id"]
+    def server_run(self) -> str | None:
+        """Redis's run id, a new one each time the server starts (recovery.redis_forgot); None
+        where `INFO` is refused (an ACL, a proxy) or has none."""
+        try:
+            return self.connection.info("server").get("run_id")
+        except redis.ResponseError:
+            return None
 
     @redis_call
     def missing(self, jobs: list[tuple[str, int]], started_grace_s: float) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .errors import DependencyDown
 from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
@@ -32,6 +32,8 @@ from .store import WITHDRAWN
 
 log = logging.getLogger("sless.recovery")
 MARKER_KEY = "sless:recovery:marker"
+RECENT_MARGIN_S = 1.0  # clocks of daemons on several hosts differ a little
+RECENT_LIMIT = 10000
 
 
 class Recovery:
@@ -44,6 +46,12 @@ class Recovery:
         self.next_orphan_scan = 0.0
         self.next_full_scan = 0.0 if full_scan_at_start else time.monotonic() + lifecycle.settings.orphan_full_scan_interval_s
         self.catching_up = False  # Redis forgot: scan until a scan goes through, then once more a grace later
+        # A daemon's start scan is too early for what its predecessor recorded in its last
+        # grace: those jobs are looked at again a grace later (`requeue_recent_orphans`).
+        self.recent_check: tuple[float, datetime, datetime] | None = None  # when; submitted since, before
+        if full_scan_at_start:
+            grace, started = lifecycle.settings.orphan_grace_s, utcnow()
+            self.recent_check = (time.monotonic() + grace, started - timedelta(seconds=grace + RECENT_MARGIN_S), started)
         self.marker_seen: bytes | None = None
         self.run_seen: str | None = None
 
@@ -59,11 +67,15 @@ class Recovery:
         while it keeps finding orphans, and otherwise once per `orphan_full_scan_interval_s`.
 
         A worker pool skips the scan at start (`full_scan_at_start=False`) unless Redis lost
-        its data: while Redis keeps it, the only orphan nothing else finds is a job a daemon
-        recorded and died before enqueuing (a retry a sweeper took and never sent goes
-        out with the due retries: Lifecycle.enqueue_due_retries), and a daemon scans when
-        it starts again. So starting workers does not read every job ever stored while
-        they drain the queue (the 10,000-job drain's first half ran 20 % slower for it).
+        its data, so starting workers does not read every job ever stored while they
+        drain the queue (the 10,000-job drain's first half ran 20 % slower for it). While
+        Redis keeps its data, an orphan is most often a job a daemon recorded and died
+        before enqueuing: a daemon scans when it starts, and a grace later looks again at
+        what was recorded in the grace before it started (`requeue_recent_orphans`). A
+        retry a sweeper took and never sent goes out with the due retries
+        (Lifecycle.enqueue_due_retries). Rarer ones (a sweeper that died halfway through
+        sending a stuck message again, an enqueue and its withdrawal both refused) wait
+        for the hourly scan, as they did unless a pool happened to start.
         """
         try:
             counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}
@@ -77,6 +89,9 @@ class Recovery:
                 self.catching_up = False
                 self.next_full_scan = now + (settings.orphan_grace_s if again else settings.orphan_full_scan_interval_s)
                 self.next_orphan_scan = now + settings.orphan_scan_interval_s
+            elif self.recent_check and now >= self.recent_check[0]:
+                counts["orphans"] = self.requeue_recent_orphans(*self.recent_check[1:])
+                self.recent_check = None
             elif now >= self.next_orphan_scan:
                 counts["orphans"] = self.requeue_stuck_messages()
                 self.next_orphan_scan = now + (settings.orphan_grace_s if counts["orphans"]
@@ -98,13 +113,15 @@ class Recovery:
         after finding it gone, Redis forgot what it held, messages included (a restart
         without persistence). When Redis restarted with its data (its run id changed),
         it may still have lost its last writes: `appendfsync everysec` keeps all but
-        about the last second. A sweeper that starts and finds the marker in place has
-        nothing to catch up on.
+        about the last second. Only a sweeper that was running across the restart can
+        tell (one started since finds the marker in place); one started anywhere later
+        scans at its start if it is a daemon's, and every sweeper within the hour.
         """
         queue = self.lifecycle.queue
+        run = queue.server_run()  # first: a refusal must not spend the marker's news
         marker, missing = queue.marker(MARKER_KEY)
-        run = queue.server_run()
-        forgot = missing or (self.marker_seen is not None and (marker != self.marker_seen or run != self.run_seen))
+        restarted = run is not None and self.run_seen is not None and run != self.run_seen
+        forgot = missing or (self.marker_seen is not None and (marker != self.marker_seen or restarted))
         self.marker_seen, self.run_seen = marker, run
         return forgot
 
@@ -123,8 +140,20 @@ class Recovery:
 
     def requeue_orphans(self) -> int:
         """Enqueue again the waiting jobs whose message Redis lost."""
+        return self._requeue_lost(self.store.waiting_since(utcnow() - self.grace))
+
+    def requeue_recent_orphans(self, since: datetime, before: datetime) -> int:
+        """The same for first attempts submitted between `since` and `before` only (an indexed
+        read of those jobs: usually none, so nearly free); retries are the due-retries sweep's."""
+        recent = self.store.recent(RECENT_LIMIT, since, JobState.SUBMITTED.value, before)
+        return self._requeue_lost([job for job in recent if job["attempts"] == 0])
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(seconds=self.lifecycle.settings.orphan_grace_s)
+
+    def _requeue_lost(self, waiting: list[dict]) -> int:
         settings = self.lifecycle.settings
-        waiting = self.store.waiting_since(utcnow() - timedelta(seconds=settings.orphan_grace_s))
         if not waiting:
             return 0
         lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting], settings.lease_s)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pymongo
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
@@ -352,9 +352,15 @@ class OutcomeStore:
 
     @mongo_call
     def take_retry(self, job_id: str, attempts: int, owner: str) -> bool:
-        """Become the one sweeper that enqueues this retry."""
-        return self._insert_event(job_id, attempts, "enqueue", owner) or self._owned_by(
-            guard_key(job_id, attempts, "enqueue"), owner)
+        """Become the one sweeper that enqueues this retry (noting when: `retry_taken_at`)."""
+        taken = self._insert_event(job_id, attempts, "enqueue", owner, at=datetime.now(timezone.utc))
+        return taken or self._owned_by(guard_key(job_id, attempts, "enqueue"), owner)
+
+    @mongo_call
+    def retry_taken_at(self, job_id: str, attempts: int) -> datetime | None:
+        """When a sweeper took this retry (None: nobody, or a sweeper from before this was noted)."""
+        held = self.events.find_one({"_id": guard_key(job_id, attempts, "enqueue")}, {"at": 1})
+        return held.get("at") if held else None
 
     @mongo_call
     def release_retry(self, job_id: str, attempts: int) -> None:
@@ -402,11 +408,13 @@ class OutcomeStore:
                 for job in self.jobs.find({}, {"code": 0, "input_json": 0})]
 
     @mongo_call
-    def recent(self, limit: int, since: datetime | None = None, state: str | None = None) -> list[dict]:
-        """The newest jobs (submitted at or after `since`), as of now, without code, input or
-        output; only those in `state` when given. For operators (`GET /jobs`), not a job's path:
-        FerretDB decodes every event to filter them by job."""
-        found = self.jobs.find({"submitted_at": {"$gte": since}} if since else {},
+    def recent(self, limit: int, since: datetime | None = None, state: str | None = None,
+               before: datetime | None = None) -> list[dict]:
+        """The newest jobs (submitted at or after `since`, and before `before`), as of now, without
+        code, input or output; only those in `state` when given. For operators (`GET /jobs`) and
+        the recovery sweep, not a job's path: FerretDB decodes every event to filter them by job."""
+        submitted = {**({"$gte": since} if since else {}), **({"$lt": before} if before else {})}
+        found = self.jobs.find({"submitted_at": submitted} if submitted else {},
                                {"code": 0, "input_json": 0}).sort("submitted_at", -1)
         if state is None:
             found = found.limit(limit)  # every job listed is wanted: no need to read more

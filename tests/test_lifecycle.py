@@ -140,16 +140,62 @@ def test_a_due_retry_is_enqueued_once_by_concurrent_sweepers(lifecycle):
 
 def test_a_retry_taken_by_a_sweeper_that_died_is_sent_a_lease_later(lifecycle):
     """A sweeper that took a retry (its /enqueue event) and died before enqueuing it: the due
-    retries' sweep sends it once it has been due a lease, not before, and only once."""
+    retries' sweep sends it once it was taken a lease ago, not before, and only once."""
     job_id = lifecycle.accept(SPEC)
     lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
     lifecycle.queue.rq_queue.empty()
     assert lifecycle.store.take_retry(job_id, 1, "pool.dead-host.1")  # ...and then it died
     assert lifecycle.enqueue_due_retries() == 0 and lifecycle.queue.depth() == 0  # on its way, as far as we know
     lease_ago = utcnow() - timedelta(seconds=lifecycle.settings.lease_s + 1)
-    lifecycle.store.retries.update_many({}, {"$set": {"at": lease_ago}})
+    lifecycle.store.retries.update_many({}, {"$set": {"at": lease_ago}})  # due long ago, but taken just now:
+    assert lifecycle.enqueue_due_retries() == 0 and lifecycle.queue.depth() == 0  # still on its way
+    lifecycle.store.events.update_many({"job_id": job_id, "step": "enqueue"}, {"$set": {"at": lease_ago}})
     assert lifecycle.enqueue_due_retries() == 1 and lifecycle.queue.depth() == 1
     assert lifecycle.enqueue_due_retries() == 0 and lifecycle.queue.depth() == 1  # forgotten: sent once
+
+
+def test_a_retry_sent_by_a_sweeper_that_died_before_forgetting_it_is_not_sent_again(lifecycle):
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.finish(lifecycle.start(message(lifecycle, job_id)), AttemptOutcome(error=failed(ErrorType.TIMEOUT, "t")))
+    lifecycle.queue.rq_queue.empty()
+    assert lifecycle.store.take_retry(job_id, 1, "pool.dead-host.1")
+    lifecycle.queue.enqueue(lifecycle.store.get(job_id), 1)  # ...it sent it, and died before forgetting it
+    lease_ago = utcnow() - timedelta(seconds=lifecycle.settings.lease_s + 1)
+    lifecycle.store.events.update_many({"job_id": job_id, "step": "enqueue"}, {"$set": {"at": lease_ago}})
+    lifecycle.enqueue_due_retries()
+    assert lifecycle.queue.depth() == 1 and lifecycle.store.retries.count_documents({}) == 0
+
+
+def test_a_daemon_looks_again_at_what_its_predecessor_recorded_last(lifecycle):
+    """Its start scan is too early for a job recorded in the grace before it started (the
+    previous daemon died before enqueuing it): a grace later, those jobs are looked at."""
+    from sless_daemon.recovery import Recovery
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # never enqueued
+    lifecycle.queue.rq_queue.empty()
+    recovery = Recovery(lifecycle)  # the new daemon's sweeper, started at once
+    assert recovery.sweep()["orphans"] == 0  # the start scan: younger than the grace, not an orphan yet
+    recovery.recent_check = (0.0, *recovery.recent_check[1:])  # a grace later
+    assert recovery.sweep()["orphans"] == 1 and lifecycle.queue.depth() == 1
+    assert recovery.recent_check is None
+
+
+def test_the_sweep_goes_on_where_redis_refuses_info(lifecycle):
+    """Managed Redis may refuse `INFO` (an ACL): no run id to compare, the rest as usual."""
+    from sless_daemon.recovery import Recovery
+
+    user = f"sless-test-{uuid.uuid4().hex[:8]}"
+    admin = lifecycle.queue.connection
+    admin.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "&*", "+@all", "-info")
+    try:
+        refused = JobQueue(connect_redis(REDIS_URL.replace("redis://", f"redis://{user}:secret@")), lifecycle.queue.name)
+        assert refused.server_run() is None and lifecycle.queue.server_run()
+        here = Lifecycle(lifecycle.settings, lifecycle.store, refused, owner="test")
+        recovery = Recovery(here)
+        assert "lost" in recovery.sweep() and "lost" in recovery.sweep()  # not paused: {} is a sweep that was
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
 
 
 def test_a_pool_reads_every_job_at_start_only_when_redis_lost_its_data(lifecycle):

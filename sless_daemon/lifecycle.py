@@ -244,10 +244,10 @@ class Lifecycle:
 
     def _take_over_retry(self, job_id: str, attempts: int) -> None:
         """Send a retry that another sweeper took a lease ago (or, if it did not note when, that
-        has been due that long) and never sent: it died between
-        taking it and enqueuing it (a live one sends it within milliseconds, or gives it back),
-        and only a full orphan scan would find the job otherwise. Only if the job still waits
-        for it and Redis has no message for it (a duplicate message would find the claim taken)."""
+        has been due that long) and never sent: it died between taking it and enqueuing it (a
+        live one sends it within milliseconds, or gives it back), and only a full orphan scan
+        would find the job otherwise. Only if the job still waits for it and Redis has no
+        message for it (a duplicate message would find the claim taken)."""
         job = self.store.get(job_id)
         if (job is None or job["state"] != JobState.SUBMITTED.value or job["attempts"] != attempts
                 or not self.queue.missing([(job_id, attempts)], self.settings.lease_s)):

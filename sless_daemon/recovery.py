@@ -44,14 +44,16 @@ class Recovery:
         self.store = lifecycle.store
         self.outage: str | None = None
         self.next_orphan_scan = 0.0
-        self.next_full_scan = 0.0 if full_scan_at_start else time.monotonic() + lifecycle.settings.orphan_full_scan_interval_s
+        settings = lifecycle.settings
+        self.next_full_scan = 0.0 if full_scan_at_start else time.monotonic() + settings.orphan_full_scan_interval_s
         self.catching_up = False  # Redis forgot: scan until a scan goes through, then once more a grace later
         # A daemon's start scan is too early for what its predecessor recorded in its last
         # grace: those jobs are looked at again a grace later (`requeue_recent_orphans`).
         self.recent_check: tuple[float, datetime, datetime] | None = None  # when; submitted since, before
         if full_scan_at_start:
-            grace, started = lifecycle.settings.orphan_grace_s, utcnow()
-            self.recent_check = (time.monotonic() + grace, started - timedelta(seconds=grace + RECENT_MARGIN_S), started)
+            grace, started = settings.orphan_grace_s, utcnow()
+            since = started - timedelta(seconds=grace + RECENT_MARGIN_S)
+            self.recent_check = (time.monotonic() + grace, since, started)
         self.marker_seen: bytes | None = None
         self.run_seen: str | None = None
 

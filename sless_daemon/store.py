@@ -439,8 +439,8 @@ class OutcomeStore:
     def waiting_since(self, before: datetime, limit: int = 2000) -> list[dict]:
         """Jobs waiting for a worker since before `before` (queued, or retries that are due).
 
-        Reads every job: the full orphan scan runs at start, after Redis lost data and once
-        an hour (recovery.Recovery.sweep), never on a job's path.
+        Reads every job: the full orphan scan runs when a daemon starts, after Redis lost data
+        or restarted, and once an hour (recovery.Recovery.sweep), never on a job's path.
         """
         waiting = [job for job in self.all_jobs() if job["state"] == JobState.SUBMITTED.value
                    and job["submitted_at"] < before and (job["retry_at"] is None or job["retry_at"] < before)]

@@ -228,13 +228,18 @@ class Lifecycle:
                 except Exception:
                     self.store.release_retry(job_id, attempts)
                     raise
-            elif (self.store.retry_taken_at(job_id, attempts) or retry["at"]) <= abandoned_before:
+            elif (self._retry_taken_at(job_id, attempts) or retry["at"]) <= abandoned_before:
                 self._take_over_retry(job_id, attempts)
             else:
                 continue  # on its way from the sweeper that took it
             self.store.forget_retry(job_id, attempts)
             count += 1
         return count
+
+    def _retry_taken_at(self, job_id: str, attempts: int) -> datetime | None:
+        """When another sweeper took this retry (None: from before that was noted)."""
+        held = self.store.step_taken(job_id, attempts, "enqueue")
+        return held.get("at") if held else None
 
     def _send_retry(self, job: dict | None, attempts: int) -> None:
         if job is not None and self._cancel_requested(job["_id"], attempts):

@@ -234,8 +234,9 @@ class OutcomeStore:
     @mongo_call
     def step_taken(self, job_id: str, attempt: int, step: str) -> dict | None:
         """Who took a step of an attempt, or None: the event's `owner` (for "claim": a worker's
-        name, or a fence's) and `run` (a claim written with its settle)."""
-        return self.events.find_one({"_id": guard_key(job_id, attempt, step)}, {"owner": 1, "run": 1})
+        name, or a fence's), `run` (a claim written with its settle) and `at` (an enqueue: when
+        its retry was taken, `take_retry`)."""
+        return self.events.find_one({"_id": guard_key(job_id, attempt, step)}, {"owner": 1, "run": 1, "at": 1})
 
     def taken_by(self, job_id: str, attempt: int, step: str) -> str | None:
         """The owner of a step of an attempt (`step_taken`), or None."""
@@ -352,15 +353,9 @@ class OutcomeStore:
 
     @mongo_call
     def take_retry(self, job_id: str, attempts: int, owner: str) -> bool:
-        """Become the one sweeper that enqueues this retry (noting when: `retry_taken_at`)."""
+        """Become the one sweeper that enqueues this retry (noting when: `step_taken`)."""
         taken = self._insert_event(job_id, attempts, "enqueue", owner, at=datetime.now(timezone.utc))
         return taken or self._owned_by(guard_key(job_id, attempts, "enqueue"), owner)
-
-    @mongo_call
-    def retry_taken_at(self, job_id: str, attempts: int) -> datetime | None:
-        """When a sweeper took this retry (None: nobody, or a sweeper from before this was noted)."""
-        held = self.events.find_one({"_id": guard_key(job_id, attempts, "enqueue")}, {"at": 1})
-        return held.get("at") if held else None
 
     @mongo_call
     def release_retry(self, job_id: str, attempts: int) -> None:

@@ -108,7 +108,7 @@ class AttemptRunner:
         claim = Claim(self, job, spec, timings, fields)
         if not hold_s:
             claim.start()
-        if claim_first and not claim.start().result():
+        if claim_first and not claim.future.result():  # started just above
             log_duplicate(job, fields)
             return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,

@@ -31,6 +31,7 @@ def test_interleaved_calls_give_every_system_the_same_calls_in_rotating_turns():
 def test_budgets_are_what_twice_a_and_half_its_p50_leave_beyond_the_code():
     data = {"meta": {"cpus": 2, "cpu10_ms_sandbox_python": 12.0}, "functions": {"cpu10": {
         "1": {"A": {"throughput": {"jobs_per_s": 25.0}, "latency": {"p50_ms": 30.0}},
+              "B": {"throughput": {"jobs_per_s": 62.5}, "latency": {"p50_ms": 14.0}},
               "sless": {"throughput": {"jobs_per_s": 50.0}, "latency": {"p50_ms": 20.0}}},
         "4": {"A": {"throughput": {"jobs_per_s": 50.0}, "latency": {"p50_ms": 30.0}},
               "sless": {"throughput": {"jobs_per_s": 80.0}, "latency": None}}}}}
@@ -39,9 +40,20 @@ def test_budgets_are_what_twice_a_and_half_its_p50_leave_beyond_the_code():
     assert one["lane_ms_allowed"] == pytest.approx(1000 / 50 - 12)  # one worker: one lane
     assert one["lane_ms_sless"] == pytest.approx(1000 / 50 - 12)
     assert (one["latency_ms_allowed"], one["latency_ms_sless"]) == (pytest.approx(3.0), pytest.approx(8.0))
+    assert (one["lane_ms_b"], one["latency_ms_b"]) == (pytest.approx(1000 / 62.5 - 12), pytest.approx(2.0))
     assert four["lane_ms_allowed"] == pytest.approx(2 * 1000 / 100 - 12)  # four workers on two cores: two lanes
     assert four["lane_ms_sless"] == pytest.approx(2 * 1000 / 80 - 12)
     assert four["latency_ms_sless"] is None
+    assert four["lane_ms_b"] is None  # B not measured
+
+
+def test_a_run_on_another_interpreter_than_the_sandbox_s_is_refused(monkeypatch):
+    monkeypatch.setattr(compare, "SANDBOX_PYTHON", sys.executable)
+    assert compare.other_interpreter() is None
+    monkeypatch.setattr(compare, "SANDBOX_PYTHON", "/bin/sh")  # a symlink: compared by where it leads
+    why = compare.other_interpreter()
+    assert why is not None and str(Path("/bin/sh").resolve()) in why and "scripts/bench" in why
+    assert compare.main(["--workers", "1"]) == 2  # before anything is started
 
 
 class Echo(http.server.BaseHTTPRequestHandler):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import json
 import logging
@@ -677,17 +678,25 @@ def measure_latency(rec: Recorder, function: str, workers: int, systems: list[st
 
 
 def interleaved_calls(calls: dict, runs: int) -> dict[str, list[float]]:
-    """Milliseconds of `runs` calls to each system, in rotating blocks; WARMUP_CALLS first, uncounted."""
+    """Milliseconds of `runs` calls to each system, in rotating blocks; WARMUP_CALLS first, uncounted.
+
+    This process's garbage collector is off meanwhile, as `timeit` turns it off: a full
+    collection here (12-20 ms) would be timed as part of whichever system's call it fell in.
+    """
     names = list(calls)
     for name in names:
         for value in range(WARMUP_CALLS):
             calls[name](value)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for block, first in enumerate(range(0, runs, LATENCY_BLOCK)):
-        turn = names[block % len(names):] + names[:block % len(names)]
-        for name in turn:
-            samples[name] += [calls[name](value) for value in range(WARMUP_CALLS + first,
-                                                                    WARMUP_CALLS + min(runs, first + LATENCY_BLOCK))]
+    gc.disable()
+    try:
+        for block, first in enumerate(range(0, runs, LATENCY_BLOCK)):
+            turn = names[block % len(names):] + names[:block % len(names)]
+            for name in turn:
+                values = range(WARMUP_CALLS + first, WARMUP_CALLS + min(runs, first + LATENCY_BLOCK))
+                samples[name] += [calls[name](value) for value in values]
+    finally:
+        gc.enable()
     return samples
 
 

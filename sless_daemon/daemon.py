@@ -11,6 +11,7 @@ supervises; `make_wsgi_app` builds it there, with the settings this process was 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -80,6 +81,12 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
     app, lifecycle = build_app(settings)
     ensure_indexes_soon(lifecycle.store)
     Recovery(lifecycle).run_in_background(settings.sweep_interval_s, threading.Event())
+    # What was made to start lives as long as the process: kept out of the collector, so a
+    # full collection walks only what requests made since. Before, each walked the 49,000
+    # objects of the start too (8.7 ms alone, 13-30 ms seen under load) every few seconds,
+    # pausing every thread: the calls it caught made `bench/compare.py`'s p99
+    # (BENCHMARKS.md, session 10).
+    gc.freeze()
     return app
 
 

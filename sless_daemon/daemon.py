@@ -82,10 +82,9 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
     ensure_indexes_soon(lifecycle.store)
     Recovery(lifecycle).run_in_background(settings.sweep_interval_s, threading.Event())
     # What was made to start lives as long as the process: kept out of the collector, so a
-    # full collection walks only what requests made since. Before, each walked the 49,000
-    # objects of the start too (8.7 ms alone, 13-30 ms seen under load) every few seconds,
-    # pausing every thread: the calls it caught made `bench/compare.py`'s p99
-    # (BENCHMARKS.md, session 10).
+    # full collection walks only what requests made since, not the 49,000 objects of the
+    # start too (8.7 ms alone; a worker's took 13-15 ms under load, pausing every thread
+    # once every few seconds: BENCHMARKS.md, step 23).
     gc.freeze()
     return app
 

@@ -688,6 +688,7 @@ def interleaved_calls(calls: dict, runs: int) -> dict[str, list[float]]:
         for value in range(WARMUP_CALLS):
             calls[name](value)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    collecting = gc.isenabled()
     gc.disable()
     try:
         for block, first in enumerate(range(0, runs, LATENCY_BLOCK)):
@@ -696,7 +697,8 @@ def interleaved_calls(calls: dict, runs: int) -> dict[str, list[float]]:
                 values = range(WARMUP_CALLS + first, WARMUP_CALLS + min(runs, first + LATENCY_BLOCK))
                 samples[name] += [calls[name](value) for value in values]
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     return samples
 
 
@@ -1123,8 +1125,8 @@ def other_interpreter() -> str | None:
 
     A and B run the function in this process's interpreter, sless in its sandbox's. On
     these machines `python3` is a pyenv build without profile-guided optimisation, which
-    ran the cpu10 loop 1.6 times slower than Debian's /usr/bin/python3 (15.0 against 9.2
-    ms): every run before session 10 gave sless's user code that head start.
+    runs the cpu10 loop about 1.2-1.5 times slower than Debian's /usr/bin/python3: every
+    run before session 10 gave sless's user code that head start (BENCHMARKS.md).
     """
     if os.path.realpath(sys.executable) == os.path.realpath(SANDBOX_PYTHON):
         return None

@@ -86,6 +86,7 @@ def tail(args, settings: dict) -> None:
         for value in range(compare.WARMUP_CALLS):
             compare.post_json(connection, "/execute", {"code": tasks.SLESS_CODE["double"], "input": value})
         calls = []
+        collecting = gc.isenabled()
         gc.disable()  # as compare.interleaved_calls
         try:
             for value in range(args.calls):
@@ -93,12 +94,12 @@ def tail(args, settings: dict) -> None:
                 _, body = compare.post_json(connection, "/execute", {"code": tasks.SLESS_CODE["double"], "input": value})
                 calls.append(((time.perf_counter() - started) * 1000, spans(sent, time.time(), body.get("timings") or {})))
         finally:
-            gc.enable()
-    took = sorted(ms for ms, _ in calls)
-    p50 = statistics.median(took)
+            if collecting:
+                gc.enable()
+    summary = compare.latency_summary([ms for ms, _ in calls])  # the percentiles compare.py reports
+    p50 = summary["p50_ms"]
     slow = [(i, ms, parts) for i, (ms, parts) in enumerate(calls) if ms > 1.7 * p50]
-    print(f"{args.calls} calls: p50 {p50:.2f} ms, p99 {took[int(0.99 * len(took))]:.2f} ms, "
-          f"{len(slow)} over 1.7x the p50")
+    print(f"{args.calls} calls: p50 {p50:.2f} ms, p99 {summary['p99_ms']:.2f} ms, {len(slow)} over 1.7x the p50")
     medians = {name: statistics.median(parts[name] for _, parts in calls if name in parts) for name in calls[0][1]}
     print("median spans (ms): " + ", ".join(f"{name} {value:.2f}" for name, value in medians.items()))
     for index, ms, parts in slow:

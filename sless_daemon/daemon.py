@@ -85,6 +85,7 @@ def make_wsgi_app(settings: Settings, parent_pid: int):
     # full collection walks only what requests made since, not the 49,000 objects of the
     # start too (8.7 ms alone; a worker's took 13-15 ms under load, pausing every thread
     # once every few seconds: BENCHMARKS.md, step 23).
+    gc.collect()  # what start-up left as garbage is not kept for ever
     gc.freeze()
     return app
 

@@ -530,6 +530,7 @@ def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) 
     runner.executor.probe()
     runner.executor.prepare()
     consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run, idle=runner.recorder.idle)
+    gc.collect()
     gc.freeze()  # see daemon.make_wsgi_app: a full collection here took 13-15 ms, every few seconds
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})
     try:

@@ -472,13 +472,14 @@ def submitted_or_fail(submitted: dict) -> dict:
 
 
 @contextlib.contextmanager
-def running_stack(log_dir: Path, workers: int):
-    """A fresh daemon (and pool of `workers`) on the bench Redis db, at sless's default settings.
+def running_stack(log_dir: Path, workers: int, **settings):
+    """A fresh daemon (and pool of `workers`) on the bench Redis db, at sless's default settings
+    but for `settings` (Settings field names).
 
     Stack's test defaults shorten the retry backoff; the default is put back here.
     """
-    stack = Stack(log_dir, workers=workers, redis_url=REDIS_URL,
-                  retry_backoff_s=Settings.from_env({}).retry_backoff_s)
+    settings.setdefault("retry_backoff_s", Settings.from_env({}).retry_backoff_s)
+    stack = Stack(log_dir, workers=workers, redis_url=REDIS_URL, **settings)
     try:
         yield stack.start()
     finally:
@@ -688,18 +689,25 @@ def interleaved_calls(calls: dict, runs: int) -> dict[str, list[float]]:
         for value in range(WARMUP_CALLS):
             calls[name](value)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         for block, first in enumerate(range(0, runs, LATENCY_BLOCK)):
             turn = names[block % len(names):] + names[:block % len(names)]
             for name in turn:
                 values = range(WARMUP_CALLS + first, WARMUP_CALLS + min(runs, first + LATENCY_BLOCK))
                 samples[name] += [calls[name](value) for value in values]
+    return samples
+
+
+@contextlib.contextmanager
+def collector_off():
+    """This process's garbage collector off while timing, then back as it was (as `timeit` does)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if collecting:
             gc.enable()
-    return samples
 
 
 def sless_submit_rate(args, kind: str) -> dict:

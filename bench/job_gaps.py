@@ -16,8 +16,6 @@ grew by over 1 ms against their medians. `--set` changes a setting of the stack.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import statistics
 import sys
 import tempfile
@@ -37,17 +35,6 @@ from tests.stack import MONGO_URL, Stack  # noqa: E402
 STAGES = ("enqueued_at", "dequeued_at", "sandbox_ready_at", "code_started_at", "code_ended_at", "recorded_at")
 
 
-@contextlib.contextmanager
-def stack_of(workers: int, settings: dict):
-    stack = Stack(Path(tempfile.mkdtemp(prefix="sless-gaps-")), workers=workers, redis_url=compare.REDIS_URL,
-                  retry_backoff_s=1.0, **settings)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-        compare.drop_sless_keys(stack)
-
-
 def recorded_timings(stack: Stack) -> list[dict]:
     """Every attempt's recorded times, in the order their code started."""
     events = pymongo.MongoClient(MONGO_URL)[stack.db_name].events.find({"_id": {"$regex": "settle$"}})
@@ -55,12 +42,16 @@ def recorded_timings(stack: Stack) -> list[dict]:
     return sorted((t for t in timings if "code_started_at" in t), key=lambda t: t["code_started_at"])
 
 
+def log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="sless-gaps-"))
+
+
 def median_ms(values) -> float:
     return statistics.median(values) * 1000
 
 
 def drain(args, settings: dict) -> None:
-    with stack_of(0, settings) as stack:
+    with compare.running_stack(log_dir(), 0, **settings) as stack:
         drained = compare.sless_drain(stack, args.function, args.jobs, 1)
         times = recorded_timings(stack)
     pairs = list(zip(times, times[1:]))
@@ -81,21 +72,16 @@ def spans(sent: float, seen: float, timings: dict) -> dict[str, float]:
 
 
 def tail(args, settings: dict) -> None:
-    with stack_of(1, settings) as stack:
+    with compare.running_stack(log_dir(), 1, **settings) as stack:
         connection = compare.keep_alive(stack.url)
         for value in range(compare.WARMUP_CALLS):
             compare.post_json(connection, "/execute", {"code": tasks.SLESS_CODE["double"], "input": value})
         calls = []
-        collecting = gc.isenabled()
-        gc.disable()  # as compare.interleaved_calls
-        try:
+        with compare.collector_off():
             for value in range(args.calls):
                 sent, started = time.time(), time.perf_counter()
                 _, body = compare.post_json(connection, "/execute", {"code": tasks.SLESS_CODE["double"], "input": value})
                 calls.append(((time.perf_counter() - started) * 1000, spans(sent, time.time(), body.get("timings") or {})))
-        finally:
-            if collecting:
-                gc.enable()
     summary = compare.latency_summary([ms for ms, _ in calls])  # the percentiles compare.py reports
     p50 = summary["p50_ms"]
     slow = [(i, ms, parts) for i, (ms, parts) in enumerate(calls) if ms > 1.7 * p50]

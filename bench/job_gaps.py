@@ -6,8 +6,9 @@
 `drain`: one worker drains `--jobs` queued jobs; from each attempt's recorded times
 (its settle event's `timings`) it prints the median user code and the median gap
 between one job's code ending and the next one's starting, cut where the worker took
-the next message and had its sandbox: what a lane spends between jobs (compare.py's
-budget table). `tail`: `--calls` sequential `POST /execute` calls to a one-worker stack;
+the next message and had its sandbox, and when the fork server had that sandbox made
+(`sandbox_made_at`, reported from inside it): what a lane spends between jobs
+(compare.py's budget table). `tail`: `--calls` sequential `POST /execute` calls to a one-worker stack;
 prints p50, p99 and how many calls took over 1.7x the p50, and for each of those the
 spans (client send -> enqueued -> dequeued -> ... -> recorded -> answer seen) that
 grew by over 1 ms against their medians. `--set` changes a setting of the stack.
@@ -60,7 +61,9 @@ def drain(args, settings: dict) -> None:
           f"between one job's code and the next's {median_ms(b['code_started_at'] - a['code_ended_at'] for a, b in pairs):.2f} ms:")
     for name, start, end in (("code ended -> next message taken", "code_ended_at", "dequeued_at"),
                              ("message taken -> its sandbox in hand", "dequeued_at", "sandbox_ready_at"),
-                             ("sandbox in hand -> code started", "sandbox_ready_at", "code_started_at")):
+                             ("sandbox in hand -> code started", "sandbox_ready_at", "code_started_at"),
+                             ("code ended -> next sandbox made", "code_ended_at", "sandbox_made_at"),
+                             ("next sandbox made -> its code started", "sandbox_made_at", "code_started_at")):
         ahead = start == "code_ended_at"  # measured from the job before
         print(f"  {name}: {median_ms(b[end] - (a if ahead else b)[start] for a, b in pairs):.2f} ms")
 

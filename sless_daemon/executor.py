@@ -88,6 +88,7 @@ class Executor:
         timings = {"sandbox_asked_at": time.time()}
         ordered = self._take_spare(spec.limits) or self._order(spec.limits, watch)
         try:
+            ordered.host.limit(spec.limits)
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
             ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
@@ -113,9 +114,14 @@ class Executor:
 
     def prepare(self) -> None:
         """Have a fork server running and, unless SLESS_PREWARM_SANDBOX=0, the next attempt's
-        sandbox ordered, so the next job need not wait for either (called while idle)."""
-        self.collect_ended()
+        sandbox ordered, so the next job need not wait for either (at start and after each attempt).
+
+        The spare is ordered without waiting for the attempt that just reported to end:
+        the server makes it as soon as that one's processes are gone, while this worker
+        takes its next message. Its status is read when the spare is taken (`_take_spare`).
+        """
         if not self.settings.prewarm_sandbox:
+            self.collect_ended()
             self._ready_host()
         elif self.spare is None:
             self.spare = self._order(self.default_limits)
@@ -129,14 +135,15 @@ class Executor:
             raise SandboxUnavailable(f"an attempt cannot run in the sandbox: {reason.strip()}")
 
     def collect_ended(self) -> None:
-        """Read the exit status of the attempt that sent its report before it ended (before
-        every order, `_order`; a spare is only ever ordered after it).
+        """Read the exit status of the attempt that sent its report before it ended: before
+        any later status is read or the next attempt is sent its limits and request.
 
         `run` returns its outcome without waiting (the report decides it); its processes
         are torn down meanwhile. The fork server sends the status once the attempt's whole
-        process tree is gone and takes no order before, so nothing of one attempt is left
+        process tree is gone and reads no order before, so nothing of one attempt is left
         when the next starts. One that does not end within EXIT_DRAIN_S of its report is
-        killed with its sandbox, as when the report came last (capture.Capture.pump).
+        killed with its sandbox (the spare ordered meanwhile with it), as when the report
+        came last (capture.Capture.pump).
         """
         ended, self.ended = self.ended, None
         if ended is None:
@@ -155,7 +162,9 @@ class Executor:
             host.stop()
 
     def _take_spare(self, limits: Limits) -> Ordered | None:
-        """The ordered spare if it fits these limits and its server still runs; else drop it."""
+        """The ordered spare if it fits these limits and its server still runs; else drop it.
+        First the previous attempt's status, which the server sent before making the spare."""
+        self.collect_ended()
         if self.spare is not None and self.spare.limits == limits and self.spare.host.alive:
             spare, self.spare = self.spare, None
             return spare
@@ -192,8 +201,8 @@ class Executor:
 
     def _order(self, limits: Limits, watch: Watch | None = None) -> Ordered:
         """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone
-        (`watch`, if the attempt waits for it, is told first)."""
-        self.collect_ended()
+        (`watch`, if the attempt waits for it, is told first). Its cgroup limits are set when
+        it is taken (`run`)."""
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         started = time.perf_counter()
         try:
@@ -215,8 +224,8 @@ class Executor:
 def _code_times(report: str | None) -> dict:
     """When the user code started and ended, as the attempt reported it (epoch seconds)."""
     try:
-        started, ended = json.loads(report)["times"]
-        return {"code_started_at": float(started), "code_ended_at": float(ended)}
+        started, ended, made = json.loads(report)["times"]
+        return {"sandbox_made_at": float(made), "code_started_at": float(started), "code_ended_at": float(ended)}
     except (TypeError, ValueError, KeyError, RecursionError):
         return {}
 

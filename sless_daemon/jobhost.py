@@ -119,6 +119,7 @@ class JobHost:
         self.info_fd = info_fd
         self.reap_init = reap_init
         self.breaches_before: dict[str, int] = {}
+        self.idle_processes = 0  # the idle server's processes in its cgroup (bubblewrap's two and itself)
         self.stopped = False
 
     @classmethod
@@ -136,6 +137,8 @@ class JobHost:
         finally:
             theirs.close()
         host._wait_ready()
+        if host.cgroup:
+            host.idle_processes = host.cgroup.processes_in_use()
         return host
 
     @classmethod
@@ -186,11 +189,10 @@ class JobHost:
     def begin(self, limits: Limits, workdir: str | None) -> AttemptPipes:
         """Send the order of one attempt; returns the worker's ends of its pipes.
 
+        The order may go while the previous attempt is still being torn down: the server
+        reads it only once that attempt's whole tree is gone and its status sent.
         Raises OSError when the server is gone (the caller starts a new one).
         """
-        if self.cgroup:
-            self.cgroup.limit_next_attempt(limits.memory_mb << 20, limits.processes + ATTEMPT_SETUP_PROCESSES)
-            self.breaches_before = self.cgroup.breach_counters()
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -207,6 +209,15 @@ class JobHost:
             for fd in theirs:
                 os.close(fd)
         return AttemptPipes(stdin_w, stdout_r, stderr_r, report_r)
+
+    def limit(self, limits: Limits) -> None:
+        """Set the cgroup's limits for the attempt about to be sent its request, and note its
+        breach counters. Only once the previous attempt's status is read (executor.collect_ended):
+        until its processes are gone, what they hold would count as the idle server's."""
+        if self.cgroup:
+            self.cgroup.limit_attempt(limits.memory_mb << 20,
+                                      self.idle_processes + limits.processes + ATTEMPT_SETUP_PROCESSES)
+            self.breaches_before = self.cgroup.breach_counters()
 
     def end(self, wait_s: float = 0.0) -> tuple[int | None, frozenset[str]]:
         """The attempt's exit status (None: it did not end by itself within `wait_s`, so the

@@ -188,12 +188,13 @@ def run_request(max_result_bytes: int) -> None:
     # Bound before user code runs, so code that breaks builtins or imports cannot stop the report.
     write, exit_now, now, flush_out, flush_err = os.write, os._exit, time.time, sys.stdout.flush, sys.stderr.flush
     close_pipes = os.closerange
+    made = now()  # its sandbox is set up: it waits for its request from here
     request = json.loads(_read_all(0))
     _detach_stdin()
     gc.unfreeze()
     started = now()
     report = run(request["code"], request["input"], request.get("entry"), request.get("context"), max_result_bytes)
-    report = report[:-1] + f', "times": [{started!r}, {now()!r}]}}'  # when the code ran, for the stages
+    report = report[:-1] + f', "times": [{started!r}, {now()!r}, {made!r}]}}'  # when the code ran, for the stages
     flush_out()
     flush_err()
     data = report.encode()

@@ -203,6 +203,27 @@ def test_memory_of_the_whole_process_tree_is_limited(sandboxed):
     assert run(sandboxed, code.replace("100 << 20", "20 << 20"), timeout_s=5, memory_mb=256).result == [0, 0, 0, 0]
 
 
+def test_what_an_attempt_held_as_it_ended_does_not_raise_the_next_one_s_limit(sandboxed):
+    """The next spare is ordered while the attempt that reported is torn down (Executor.prepare),
+    so its limit must be set from what is in use after that one is gone, not at the order."""
+    if sandboxed.sandbox.cgroups is None:
+        pytest.fail("this machine's worker has no writable cgroups; the per-job memory limit is untested")
+    limits = sandboxed.default_limits  # the spare's: the second attempt takes it
+    assert limits.memory_mb == 256
+    fork = ("import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        b = b'x' * (50 << 20)\n        time.sleep(3)\n        os._exit(0)\n    pids.append(pid)\n")
+    held = "global b\nb = b'x' * (200 << 20)\nreturn 'held'"  # freed as its process exits, after the report
+    waited = fork + "return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]"
+    spec = lambda code: JobSpec(code=code, input=None, limits=limits, retries=0)  # noqa: E731
+    for _ in range(2):
+        assert sandboxed.run(spec(held)).result == "held"
+        sandboxed.prepare()
+        outcome = sandboxed.run(spec(waited.replace("50 << 20", "100 << 20")))
+        assert outcome.error or -9 in outcome.result, outcome  # 400 MiB: over 256 whatever came before
+        sandboxed.prepare()
+    assert sandboxed.run(spec(waited)).result == [0, 0, 0, 0]  # 200 MiB fits
+
+
 def test_threads_left_running_do_not_hold_the_attempt_open(executor):
     code = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\nreturn 'returned'"
     outcome = run(executor, code, timeout_s=5)

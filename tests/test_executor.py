@@ -39,6 +39,15 @@ def test_function_body_and_module_forms(executor):
     assert run(executor, '"""doc\n  string"""\ns = """a\n  b"""\nreturn s', None).result == "a\n  b"
 
 
+def test_an_attempt_reports_when_its_sandbox_was_made_and_its_code_ran(executor):
+    """The stages of GET /status's `timings` and of bench/job_gaps.py (the sandbox's clock is the host's)."""
+    outcome = run(executor, "return 1")
+    t = outcome.timings
+    assert t["sandbox_asked_at"] <= t["sandbox_ready_at"] <= t["code_started_at"], t
+    assert abs(t["sandbox_made_at"] - t["sandbox_asked_at"]) < 60 and t["sandbox_made_at"] <= t["code_started_at"], t
+    assert t["code_started_at"] <= t["code_ended_at"], t
+
+
 def test_context_reaches_functions_that_take_it(executor):
     assert run(executor, "def main(x, context):\n    return context['attempt']").result == 1
     assert run(executor, "return context['job_id']").result == "t"

@@ -3,11 +3,11 @@
 rlimits are per process (RLIMIT_AS) or per user (RLIMIT_NPROC), so a job that forks
 could add up past its memory limit. Each worker's sandbox lives in a cgroup of its
 own; it runs one attempt at a time. When an attempt is about to be sent its request
-(the previous one gone, its own sandbox made), the memory limit is set to what is in
-use then plus the attempt's own, and the process limit to the idle fork server's
-processes plus the attempt's, so the cap holds for the attempt as a whole. (What is in
-use then includes the attempt's sandbox, made ahead of its request: 0.65-0.86 MiB,
-BENCHMARKS.md session 11, so its code gets that much on top of its memory limit.)
+(the previous one gone, its own sandbox ordered and usually made), the memory limit is
+set to what is in use then plus the attempt's own, and the process limit to the idle
+fork server's processes plus the attempt's, so the cap holds for the attempt as a whole.
+(What is in use then may include the attempt's sandbox, made ahead of its request:
+under 1 MiB, BENCHMARKS.md session 11, which its code gets on top of its memory limit.)
 Breaches are read as counter changes across the attempt. Both cgroup v2 (unified, with
 the memory and pids controllers) and v1 (separate memory and pids hierarchies) are
 supported; where neither is writable (an unprivileged container), `detect` returns
@@ -57,6 +57,7 @@ class JobCgroup:
                 _write_limit(path, value)
 
     def processes_in_use(self) -> int:
+        """Processes and threads in the cgroup now (read once, with the fork server idle: JobHost)."""
         return self._read_number("pids.current")
 
     def breach_counters(self) -> dict[str, int]:

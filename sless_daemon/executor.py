@@ -86,9 +86,8 @@ class Executor:
                               "context": context or {}}).encode()
         started = time.monotonic()
         timings = {"sandbox_asked_at": time.time()}
-        ordered = self._take_spare(spec.limits) or self._order(spec.limits, watch)
+        ordered = self._limited(spec.limits, watch)
         try:
-            ordered.host.limit(spec.limits)
             timings["sandbox_ready_at"] = time.time()
             capture = Capture(spec.limits, self.settings.max_output_flood_bytes)
             ended_by = capture.pump(ordered.pipes, ordered.host.control.fileno(), request,
@@ -100,6 +99,7 @@ class Executor:
             else:
                 status, breaches = ordered.host.end()
         except BaseException:
+            ordered.pipes.close()
             ordered.host.stop()  # its status is unread: it must not be taken for the next attempt's
             raise
         finally:
@@ -118,7 +118,8 @@ class Executor:
 
         The spare is ordered without waiting for the attempt that just reported to end:
         the server makes it as soon as that one's processes are gone, while this worker
-        takes its next message. Its status is read when the spare is taken (`_take_spare`).
+        takes its next message. That attempt's status is read when the spare is taken
+        (`_take_spare`), or before, when the worker finds the queue empty (`collect_ended`).
         """
         if not self.settings.prewarm_sandbox:
             self.collect_ended()
@@ -136,7 +137,8 @@ class Executor:
 
     def collect_ended(self) -> None:
         """Read the exit status of the attempt that sent its report before it ended: before
-        any later status is read or the next attempt is sent its limits and request.
+        any later status is read or the next attempt is sent its limits and request, and
+        whenever the worker finds the queue empty (worker.AttemptRunner.idle).
 
         `run` returns its outcome without waiting (the report decides it); its processes
         are torn down meanwhile. The fork server sends the status once the attempt's whole
@@ -160,6 +162,34 @@ class Executor:
         host, self.host = self.host, None
         if host:
             host.stop()
+
+    def _limited(self, limits: Limits, watch: Watch | None) -> Ordered:
+        """The attempt's sandbox (the spare, or one ordered now) with its cgroup limits set.
+
+        A cgroup that refuses them (removed from under the worker) takes its fork server
+        with it, and the attempt gets a new one, once.
+        """
+        ordered = self._take_spare(limits) or self._order(limits, watch)
+        try:
+            ordered.host.limit(limits)
+            return ordered
+        except OSError as e:
+            self._abandon(ordered)
+            log.warning("the cgroup of %s's sandbox refused the attempt's limits (%s); starting a new one",
+                        self.name, e)
+        ordered = self._order(limits, watch)  # a new fork server, in a new cgroup
+        try:
+            ordered.host.limit(limits)
+            return ordered
+        except BaseException:
+            self._abandon(ordered)
+            raise
+
+    def _abandon(self, ordered: Ordered) -> None:
+        """Give up an attempt before its request: its pipes closed, its whole sandbox killed."""
+        ordered.pipes.close()
+        ordered.host.stop()
+        self._clean_up(ordered)
 
     def _take_spare(self, limits: Limits) -> Ordered | None:
         """The ordered spare if it fits these limits and its server still runs; else drop it.

@@ -137,8 +137,6 @@ class JobHost:
         finally:
             theirs.close()
         host._wait_ready()
-        if host.cgroup:
-            host.idle_processes = host.cgroup.processes_in_use()
         return host
 
     @classmethod
@@ -175,6 +173,7 @@ class JobHost:
         if _readable(self.control, READY_TIMEOUT_S):
             try:
                 if json.loads(self.control.recv(4096) or b"{}").get("ready"):
+                    self.idle_processes = self.cgroup.processes_in_use() if self.cgroup else 0
                     return
             except (OSError, ValueError):
                 pass

@@ -194,7 +194,8 @@ def run_request(max_result_bytes: int) -> None:
     gc.unfreeze()
     started = now()
     report = run(request["code"], request["input"], request.get("entry"), request.get("context"), max_result_bytes)
-    report = report[:-1] + f', "times": [{started!r}, {now()!r}, {made!r}]}}'  # when the code ran, for the stages
+    # when the code ran, and when its sandbox was made: for the stages
+    report = report[:-1] + f', "times": [{started!r}, {now()!r}, {made!r}]}}'
     flush_out()
     flush_err()
     data = report.encode()

@@ -134,6 +134,16 @@ class AttemptRunner:
         finally:
             self.executor.prepare()
 
+    def idle(self) -> None:
+        """The queue is empty: end what the last attempt left (its exit status is read here, not
+        when the next job comes, so an attempt that reported and runs on is killed within
+        capture.EXIT_DRAIN_S however long the queue stays empty), and drop settled leases."""
+        try:
+            self.executor.collect_ended()
+        except Exception:  # noqa: BLE001 - the worker goes on; a broken fork server is replaced at the next job
+            log.exception("the sandbox of %s could not be checked after its last attempt", self.worker_name)
+        self.recorder.idle()
+
     def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict) -> bool:
         """Claim the attempt (in the claimer thread): its lease and claim event, then renew the lease."""
         if not self.lifecycle.claim(job):
@@ -529,7 +539,7 @@ def serve(settings: Settings, name: str, slot: int = 0, insecure: bool = False) 
     runner = build_runner(settings, name, connection, sandbox)
     runner.executor.probe()
     runner.executor.prepare()
-    consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run, idle=runner.recorder.idle)
+    consumer = Consumer(JobQueue(connection, settings.queue_name), name, runner.run, idle=runner.idle)
     gc.collect()
     gc.freeze()  # see daemon.make_wsgi_app: a full collection here took 13-15 ms, every few seconds
     log.info("worker %s consuming queue %s", name, settings.queue_name, extra={"worker": name})

@@ -223,14 +223,31 @@ def test_what_an_attempt_held_as_it_ended_does_not_raise_the_next_one_s_limit(sa
             "        b = b'x' * (50 << 20)\n        time.sleep(3)\n        os._exit(0)\n    pids.append(pid)\n")
     held = "global b\nb = b'x' * (200 << 20)\nreturn 'held'"  # freed as its process exits, after the report
     waited = fork + "return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]"
-    spec = lambda code: JobSpec(code=code, input=None, limits=limits, retries=0)  # noqa: E731
+
+    def spec(code: str) -> JobSpec:
+        return JobSpec(code=code, input=None, limits=limits, retries=0)
+
     for _ in range(2):
         assert sandboxed.run(spec(held)).result == "held"
         sandboxed.prepare()
-        outcome = sandboxed.run(spec(waited.replace("50 << 20", "100 << 20")))
-        assert outcome.error or -9 in outcome.result, outcome  # 400 MiB: over 256 whatever came before
+        outcome = sandboxed.run(spec(waited.replace("50 << 20", "100 << 20")))  # 400 MiB: over 256 whatever came before
+        assert (outcome.error or {}).get("type") == "memory" or -9 in (outcome.result or []), outcome
         sandboxed.prepare()
     assert sandboxed.run(spec(waited)).result == [0, 0, 0, 0]  # 200 MiB fits
+
+
+def test_a_cgroup_that_refuses_the_limits_costs_the_attempt_its_fork_server_not_its_run(sandboxed):
+    """Executor._limited: the limits are written as the attempt is taken; a cgroup gone from under
+    the worker (here: one of its limit files made unwritable) gets the attempt a new fork server."""
+    if sandboxed.sandbox.cgroups is None:
+        pytest.fail("this machine's worker has no writable cgroups")
+    sandboxed.prepare()
+    broken = sandboxed.host
+    name = "memory.max" if broken.cgroup.version == 2 else "memory.limit_in_bytes"
+    broken.cgroup.files[name] = ["/nonexistent/" + name]
+    spec = JobSpec(code="return input * 2", input=21, limits=sandboxed.default_limits, retries=0)
+    assert sandboxed.run(spec).result == 42
+    assert sandboxed.host is not broken and not broken.alive
 
 
 def test_threads_left_running_do_not_hold_the_attempt_open(executor):

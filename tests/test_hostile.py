@@ -342,6 +342,25 @@ def test_a_listener_left_running_is_gone_for_the_next_job_on_the_same_worker(mak
         assert after["result"] is True and after["worker"] == left["worker"], after
 
 
+def test_an_attempt_that_reports_and_runs_on_is_ended_while_the_queue_stays_empty(make_stack, confined):
+    """A job may write its report itself and go on running. The report decides its outcome;
+    what still runs gets capture.EXIT_DRAIN_S and then dies with its sandbox, also when no
+    next job comes to make the worker read the attempt's status (worker.AttemptRunner.idle)."""
+    require_confinement(confined)
+    one = make_stack(workers=1)
+    runs_on = ("import os, subprocess, time\n"
+               f"subprocess.Popen(['/usr/bin/python3', '-c', {SLEEPER}, '{MARKER}-runs-on'], start_new_session=True)\n"
+               "os.write(3, b'{\"ok\": true, \"result\": \"reported\"}')\n"
+               "os.closerange(0, 4)\ntime.sleep(60)")
+    doc = execute(one, runs_on, timeout_s=30)
+    assert doc["state"] == "completed" and doc["result"] == "reported", doc
+
+    def running_on() -> str:
+        return subprocess.run(["pgrep", "-a", "-f", f"{MARKER}-runs-on"], capture_output=True, text=True).stdout
+
+    wait_until(lambda: not running_on(), 5, "what the attempt left running outlived its report with no job after it")
+
+
 def test_a_bomb_leaves_the_job_beside_it_unharmed(hostile_stack, confined):
     require_confinement(confined)
     neighbour = ("import subprocess, hashlib\nouts = [subprocess.run(['/usr/bin/echo', str(i)], capture_output=True, "

@@ -232,7 +232,7 @@ class Executor:
     def _order(self, limits: Limits, watch: Watch | None = None) -> Ordered:
         """Ask the fork server for an attempt's sandbox, starting a new server if the old one is gone
         (`watch`, if the attempt waits for it, is told first). Its cgroup limits are set when
-        it is taken (`run`)."""
+        it is taken (`_limited`)."""
         workdir = tempfile.mkdtemp(prefix="sless-attempt-") if self.sandbox is None else None
         started = time.perf_counter()
         try:

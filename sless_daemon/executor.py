@@ -167,23 +167,20 @@ class Executor:
         """The attempt's sandbox (the spare, or one ordered now) with its cgroup limits set.
 
         A cgroup that refuses them (removed from under the worker) takes its fork server
-        with it, and the attempt gets a new one, once.
+        with it, and the attempt gets a new one (in a new cgroup), once.
         """
-        ordered = self._take_spare(limits) or self._order(limits, watch)
-        try:
-            ordered.host.limit(limits)
-            return ordered
-        except OSError as e:
-            self._abandon(ordered)
-            log.warning("the cgroup of %s's sandbox refused the attempt's limits (%s); starting a new one",
-                        self.name, e)
-        ordered = self._order(limits, watch)  # a new fork server, in a new cgroup
-        try:
-            ordered.host.limit(limits)
-            return ordered
-        except BaseException:
-            self._abandon(ordered)
-            raise
+        for last_try in (False, True):
+            ordered = self._take_spare(limits) or self._order(limits, watch)
+            try:
+                ordered.host.limit(limits)
+                return ordered
+            except BaseException as e:
+                self._abandon(ordered)
+                if last_try or not isinstance(e, OSError):
+                    raise
+                log.warning("the cgroup of %s's sandbox refused the attempt's limits (%s); starting a new one",
+                            self.name, e)
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _abandon(self, ordered: Ordered) -> None:
         """Give up an attempt before its request: its pipes closed, its whole sandbox killed."""

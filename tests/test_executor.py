@@ -44,7 +44,7 @@ def test_an_attempt_reports_when_its_sandbox_was_made_and_its_code_ran(executor)
     outcome = run(executor, "return 1")
     t = outcome.timings
     assert t["sandbox_asked_at"] <= t["sandbox_ready_at"] <= t["code_started_at"], t
-    assert abs(t["sandbox_made_at"] - t["sandbox_asked_at"]) < 60 and t["sandbox_made_at"] <= t["code_started_at"], t
+    assert 0 < t["sandbox_made_at"] <= t["code_started_at"], t
     assert t["code_started_at"] <= t["code_ended_at"], t
 
 

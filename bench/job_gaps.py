@@ -84,17 +84,18 @@ def tail(args, settings: dict) -> None:
             for value in range(args.calls):
                 sent, started = time.time(), time.perf_counter()
                 _, body = compare.post_json(connection, "/execute", {"code": tasks.SLESS_CODE["double"], "input": value})
-                calls.append(((time.perf_counter() - started) * 1000, spans(sent, time.time(), body.get("timings") or {})))
-    summary = compare.latency_summary([ms for ms, _ in calls])  # the percentiles compare.py reports
+                calls.append(((time.perf_counter() - started) * 1000, spans(sent, time.time(), body.get("timings") or {}),
+                              sent))
+    summary = compare.latency_summary([ms for ms, _, _ in calls])  # the percentiles compare.py reports
     p50 = summary["p50_ms"]
-    slow = [(i, ms, parts) for i, (ms, parts) in enumerate(calls) if ms > 1.7 * p50]
+    slow = [(i, ms, parts, sent - calls[0][2]) for i, (ms, parts, sent) in enumerate(calls) if ms > 1.7 * p50]
     print(f"{args.calls} calls: p50 {p50:.2f} ms, p99 {summary['p99_ms']:.2f} ms, {len(slow)} over 1.7x the p50")
-    medians = {name: statistics.median(parts[name] for _, parts in calls if name in parts) for name in calls[0][1]}
+    medians = {name: statistics.median(parts[name] for _, parts, _ in calls if name in parts) for name in calls[0][1]}
     print("median spans (ms): " + ", ".join(f"{name} {value:.2f}" for name, value in medians.items()))
-    for index, ms, parts in slow:
+    for index, ms, parts, at in slow:
         grown = {name: round(value - medians[name], 1) for name, value in parts.items()
                  if name in medians and value - medians[name] > 1.0}
-        print(f"  call {index}: {ms:.1f} ms, grown: {grown}")
+        print(f"  call {index} at {at:.3f} s: {ms:.1f} ms, grown: {grown}")
 
 
 def main() -> None:

@@ -219,8 +219,10 @@ PROGRAMS = [
     ("deep_result", "a = []\nfor _ in range(100000):\n    a = [a]\nreturn a", failed_as("invalid_result")),
     ("huge_result", "return 'x' * (4 << 20)", failed_as("result_limit")),
     # Python-level tricks
+    # the report is encoded by what the runner bound before the code ran, not by `json.dumps`
     ("tamper_sys_modules", "import sys, json\njson.dumps = lambda *a, **k: 'forged'\nsys.modules['os'] = None\nreturn 1",
-     failed_as("crashed")),
+     completed_with(1)),
+    ("forge_report", "import __main__\n__main__.encode_result = lambda *a: 'forged'\nreturn 1", failed_as("crashed")),
     ("tamper_builtins", "import builtins\nbuiltins.open = None\nbuiltins.__import__ = None\nreturn 2", completed_with(2)),
     ("ctypes_unshare", SYSCALL.format(number=272, args="0x10000000"), completed_with("refused")),
     ("ctypes_setns", SYSCALL.format(number=308, args="0, 0"), completed_with("refused")),

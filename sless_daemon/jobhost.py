@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import resource
-import selectors
+import select
 import signal
 import socket
 import subprocess
@@ -284,9 +284,10 @@ class JobHost:
 
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_READ)
-        return bool(selector.select(timeout_s))
+    """Whether `sock` has a message, or its end, within `timeout_s`."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _data_fd(data: bytes) -> int:

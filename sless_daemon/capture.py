@@ -170,7 +170,7 @@ class Polled:
 
     def ready(self, timeout_s: float) -> list[int]:
         """Descriptors readable, writable, closed or failed within `timeout_s`."""
-        return [fd for fd, _ in self.poller.poll(timeout_s * 1000)]
+        return [fd for fd, _ in self.poller.poll(max(0.0, timeout_s) * 1000)]  # poll waits for ever below 0
 
 
 class Watch:

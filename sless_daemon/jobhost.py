@@ -287,7 +287,7 @@ def _readable(sock: socket.socket, timeout_s: float) -> bool:
     """Whether `sock` has a message, or its end, within `timeout_s`."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(timeout_s * 1000))
+    return bool(poller.poll(max(0.0, timeout_s) * 1000))  # poll waits for ever below 0
 
 
 def _data_fd(data: bytes) -> int:

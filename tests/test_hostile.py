@@ -137,6 +137,13 @@ def failed_as(*types):
     return check
 
 
+def failed_with(kind: str, words: str):
+    def check(doc) -> None:
+        assert doc["state"] == "failed" and doc["error"]["type"] == kind and words in doc["error"]["message"], doc
+
+    return check
+
+
 TRY = """
 try:
 {body}
@@ -219,10 +226,15 @@ PROGRAMS = [
     ("deep_result", "a = []\nfor _ in range(100000):\n    a = [a]\nreturn a", failed_as("invalid_result")),
     ("huge_result", "return 'x' * (4 << 20)", failed_as("result_limit")),
     # Python-level tricks
-    # the report is encoded by what the runner bound before the code ran, not by `json.dumps`
+    # the runner writes reports with json's C encoder, taken before the code ran: replacing
+    # `json.dumps` or `_json.make_encoder` does not reach them, on success or failure
     ("tamper_sys_modules", "import sys, json\njson.dumps = lambda *a, **k: 'forged'\nsys.modules['os'] = None\nreturn 1",
      completed_with(1)),
-    ("forge_report", "import __main__\n__main__.encode_result = lambda *a: 'forged'\nreturn 1", failed_as("crashed")),
+    ("tamper_json_encoder", "import json, _json\njson.dumps = _json.make_encoder = None\nreturn object()",
+     failed_as("invalid_result")),
+    # a report forged through the runner's own module is not taken: unreadable, the attempt crashed
+    ("forge_report", "import __main__\n__main__.encode_result = lambda *a: 'forged'\nreturn 1",
+     failed_with("crashed", "unreadable report")),
     ("tamper_builtins", "import builtins\nbuiltins.open = None\nbuiltins.__import__ = None\nreturn 2", completed_with(2)),
     ("ctypes_unshare", SYSCALL.format(number=272, args="0x10000000"), completed_with("refused")),
     ("ctypes_setns", SYSCALL.format(number=308, args="0, 0"), completed_with("refused")),

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .capture import Polled
 from .cgroups import JobCgroup
 from .errors import SandboxUnavailable
 from .limits import Limits
@@ -285,9 +286,9 @@ class JobHost:
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
     """Whether `sock` has a message, or its end, within `timeout_s`."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(max(0.0, timeout_s) * 1000))  # poll waits for ever below 0
+    waiting = Polled()
+    waiting.register(sock.fileno(), select.POLLIN)
+    return bool(waiting.ready(timeout_s))
 
 
 def _data_fd(data: bytes) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from .errors import DependencyDown
 from .lifecycle import CANCEL_FENCE, Lifecycle, utcnow
@@ -32,8 +32,7 @@ from .store import WITHDRAWN
 
 log = logging.getLogger("sless.recovery")
 MARKER_KEY = "sless:recovery:marker"
-RECENT_MARGIN_S = 1.0  # clocks of daemons on several hosts differ a little
-RECENT_LIMIT = 10000
+ORPHAN_LIMIT = 2000  # jobs looked up in Redis per scan (one pipeline); the rest wait for the next
 
 
 class Recovery:
@@ -46,14 +45,9 @@ class Recovery:
         self.next_orphan_scan = 0.0
         settings = lifecycle.settings
         self.next_full_scan = 0.0 if full_scan_at_start else time.monotonic() + settings.orphan_full_scan_interval_s
-        self.catching_up = False  # Redis forgot: scan until a scan goes through, then once more a grace later
-        # A daemon's start scan is too early for what its predecessor recorded in its last
-        # grace: those jobs are looked at again a grace later (`requeue_recent_orphans`).
-        self.recent_check: tuple[float, datetime, datetime] | None = None  # when; submitted since, before
-        if full_scan_at_start:
-            grace, started = settings.orphan_grace_s, utcnow()
-            since = started - timedelta(seconds=grace + RECENT_MARGIN_S)
-            self.recent_check = (time.monotonic() + grace, since, started)
+        # A full scan leaves the jobs that became due within the grace before it: they may be on
+        # their way to Redis still. A grace later, those (and only those) are looked at again.
+        self.second_look: tuple[float, list[dict]] | None = None  # when; the jobs as the scan saw them
         self.marker_seen: bytes | None = None
         self.run_seen: str | None = None
 
@@ -65,35 +59,38 @@ class Recovery:
         left in RQ's intermediate list, are looked at (a set in Redis: cheap however
         many jobs are stored). The full orphan scan reads every job and event (2.7 s
         with 10,000 jobs on FerretDB), so it runs at start, as soon as Redis shows it
-        lost its data or restarted (`redis_forgot`) and once more a grace later, every `orphan_grace_s`
-        while it keeps finding orphans, and otherwise once per `orphan_full_scan_interval_s`.
+        lost its data or restarted (`redis_forgot`), and otherwise once per
+        `orphan_full_scan_interval_s`. A job that became due within the grace before a scan
+        may still be on its way to Redis, so the scan leaves it; a grace later those jobs,
+        and only those, are looked at again (`second_look`): a daemon's start scan is too
+        early for what its predecessor recorded last, and a scan as Redis forgot for what
+        it was sent last. Reading every job again for them cost FerretDB 0.3-0.5 s of CPU
+        at 800 jobs, in the middle of the calls of whoever uses it (BENCHMARKS.md, session 13).
 
         A worker pool skips the scan at start (`full_scan_at_start=False`) unless Redis lost
         its data, so starting workers does not read every job ever stored while they
         drain the queue (the 10,000-job drain's first half ran 20 % slower for it). While
         Redis keeps its data, an orphan is most often a job a daemon recorded and died
-        before enqueuing: a daemon scans when it starts, and a grace later looks again at
-        what was recorded in the grace before it started (`requeue_recent_orphans`). A
+        before enqueuing: a daemon scans when it starts, and looks again a grace later. A
         retry a sweeper took and never sent goes out with the due retries
-        (Lifecycle.enqueue_due_retries). Rarer ones (a sweeper that died halfway through
+        (Lifecycle.enqueue_due_retries). Rarer ones (a daemon that died between recording
+        and enqueuing while another daemon ran, a sweeper that died halfway through
         sending a stuck message again, an enqueue and its withdrawal both refused) wait
-        for the hourly scan, as they did unless a pool happened to start.
+        for the hourly scan.
         """
         try:
             counts = {"lost": self.recover_lost_attempts(), "retries": self.lifecycle.enqueue_due_retries()}
             settings, now = self.lifecycle.settings, time.monotonic()
             if self.redis_forgot():
-                self.next_full_scan, self.catching_up = 0.0, True  # still due if this sweep fails
+                self.next_full_scan = 0.0  # still due if this sweep fails
             if now >= self.next_full_scan:
-                counts["orphans"] = self.requeue_orphans()
-                # again after the grace: jobs younger than it when Redis forgot are not orphans yet
-                again = counts["orphans"] or self.catching_up
-                self.catching_up = False
-                self.next_full_scan = now + (settings.orphan_grace_s if again else settings.orphan_full_scan_interval_s)
+                counts["orphans"], young = self.requeue_orphans()
+                self.second_look = (now + settings.orphan_grace_s, young) if young else None
+                self.next_full_scan = now + settings.orphan_full_scan_interval_s
                 self.next_orphan_scan = now + settings.orphan_scan_interval_s
-            elif self.recent_check and now >= self.recent_check[0]:
-                counts["orphans"] = self.requeue_recent_orphans(*self.recent_check[1:])
-                self.recent_check = None
+            elif self.second_look and now >= self.second_look[0]:
+                counts["orphans"] = self._requeue_lost(self.second_look[1])
+                self.second_look = None
             elif now >= self.next_orphan_scan:
                 counts["orphans"] = self.requeue_stuck_messages()
                 self.next_orphan_scan = now + (settings.orphan_grace_s if counts["orphans"]
@@ -140,15 +137,16 @@ class Recovery:
                 count += 1
         return count
 
-    def requeue_orphans(self) -> int:
-        """Enqueue again the waiting jobs whose message Redis lost."""
-        return self._requeue_lost(self.store.waiting_since(utcnow() - self.grace))
-
-    def requeue_recent_orphans(self, since: datetime, before: datetime) -> int:
-        """The same for first attempts submitted between `since` and `before` only (an indexed
-        read of those jobs: usually none, so nearly free); retries are the due-retries sweep's."""
-        recent = self.store.recent(RECENT_LIMIT, since, JobState.SUBMITTED.value, before)
-        return self._requeue_lost([job for job in recent if job["attempts"] == 0])
+    def requeue_orphans(self) -> tuple[int, list[dict]]:
+        """Enqueue again the waiting jobs whose message Redis lost; returns how many, and the
+        waiting jobs that became due too recently to tell (`sweep`'s second look)."""
+        now = utcnow()
+        old, young = [], []
+        for job in self.store.waiting():
+            due_at = job["retry_at"] or job["submitted_at"]
+            if due_at <= now:  # a retry due later is the due-retries sweep's
+                (old if due_at < now - self.grace else young).append(job)
+        return self._requeue_lost(old[:ORPHAN_LIMIT]), young[:ORPHAN_LIMIT]
 
     @property
     def grace(self) -> timedelta:

@@ -403,13 +403,11 @@ class OutcomeStore:
                 for job in self.jobs.find({}, {"code": 0, "input_json": 0})]
 
     @mongo_call
-    def recent(self, limit: int, since: datetime | None = None, state: str | None = None,
-               before: datetime | None = None) -> list[dict]:
-        """The newest jobs (submitted at or after `since`, and before `before`), as of now, without
-        code, input or output; only those in `state` when given. For operators (`GET /jobs`) and
-        the recovery sweep, not a job's path: FerretDB decodes every event to filter them by job."""
-        submitted = {**({"$gte": since} if since else {}), **({"$lt": before} if before else {})}
-        found = self.jobs.find({"submitted_at": submitted} if submitted else {},
+    def recent(self, limit: int, since: datetime | None = None, state: str | None = None) -> list[dict]:
+        """The newest jobs (submitted at or after `since`), as of now, without code, input or
+        output; only those in `state` when given. For operators (`GET /jobs`), not a job's path:
+        FerretDB decodes every event to filter them by job."""
+        found = self.jobs.find({"submitted_at": {"$gte": since}} if since else {},
                                {"code": 0, "input_json": 0}).sort("submitted_at", -1)
         if state is None:
             found = found.limit(limit)  # every job listed is wanted: no need to read more
@@ -431,15 +429,13 @@ class OutcomeStore:
                     return listed
         return listed
 
-    def waiting_since(self, before: datetime, limit: int = 2000) -> list[dict]:
-        """Jobs waiting for a worker since before `before` (queued, or retries that are due).
+    def waiting(self) -> list[dict]:
+        """Every job waiting for a worker (queued, or a retry, due or not).
 
         Reads every job: the full orphan scan runs when a daemon starts, after Redis lost data
         or restarted, and once an hour (recovery.Recovery.sweep), never on a job's path.
         """
-        waiting = [job for job in self.all_jobs() if job["state"] == JobState.SUBMITTED.value
-                   and job["submitted_at"] < before and (job["retry_at"] is None or job["retry_at"] < before)]
-        return waiting[:limit]
+        return [job for job in self.all_jobs() if job["state"] == JobState.SUBMITTED.value]
 
     @mongo_call
     def ping(self) -> None:

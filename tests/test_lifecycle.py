@@ -176,9 +176,28 @@ def test_a_daemon_looks_again_at_what_its_predecessor_recorded_last(lifecycle):
     lifecycle.queue.rq_queue.empty()
     recovery = Recovery(lifecycle)  # the new daemon's sweeper, started at once
     assert recovery.sweep()["orphans"] == 0  # the start scan: younger than the grace, not an orphan yet
-    recovery.recent_check = (0.0, *recovery.recent_check[1:])  # a grace later
+    _, young = recovery.second_look
+    assert [job["_id"] for job in young] == [job_id]
+    recovery.second_look = (0.0, young)  # a grace later
     assert recovery.sweep()["orphans"] == 1 and lifecycle.queue.depth() == 1
-    assert recovery.recent_check is None
+    assert recovery.second_look is None
+
+
+def test_a_scan_as_redis_forgot_looks_again_at_what_was_sent_last(lifecycle):
+    """A job enqueued just before Redis lost its data is too young for the scan that follows
+    (it may be on its way still): a grace later it is looked at again, and sent."""
+    from sless_daemon.recovery import MARKER_KEY, Recovery
+
+    pool = Recovery(lifecycle, full_scan_at_start=False)
+    pool.sweep()
+    job_id = lifecycle.accept(SPEC)  # enqueued; then Redis loses its data
+    lifecycle.queue.rq_queue.empty()
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0", MARKER_KEY)
+    assert pool.sweep()["orphans"] == 0 and lifecycle.queue.depth() == 0
+    _, young = pool.second_look
+    pool.second_look = (0.0, young)  # a grace later
+    assert pool.sweep()["orphans"] == 1 and lifecycle.queue.depth() == 1
+    assert pool.sweep().get("orphans", 0) == 0 and lifecycle.queue.depth() == 1  # sent once
 
 
 def test_the_sweep_goes_on_where_redis_refuses_info(lifecycle):
@@ -233,7 +252,7 @@ def test_a_scan_after_redis_forgot_stays_due_until_one_goes_through(lifecycle, m
         raise DependencyDown("MongoDB", "gone")
 
     with monkeypatch.context() as patched:
-        patched.setattr(lifecycle.store, "waiting_since", refused)
+        patched.setattr(lifecycle.store, "waiting", refused)
         assert recovery.sweep() == {}  # the scan failed: MongoDB away
     assert recovery.sweep()["orphans"] == 1  # the marker is back in place, the scan still due
     assert lifecycle.queue.depth() == 1

@@ -11,6 +11,7 @@ import socket
 import pytest
 import redis
 
+from services import PrivateFerretDB, PrivateRedis
 from stack import MONGO_PORT, REDIS_PORT, REDIS_URL, Stack
 
 
@@ -58,3 +59,19 @@ def make_stack(logs_dir):
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A Redis of the test's own, which it may stop, kill and restart (services.py)."""
+    redis = PrivateRedis(tmp_path / "redis").start()
+    yield redis
+    redis.kill()
+
+
+@pytest.fixture
+def private_mongo(tmp_path):
+    """A FerretDB of the test's own, with its data in the test's directory (services.py)."""
+    mongo = PrivateFerretDB(tmp_path / "ferretdb").start()
+    yield mongo
+    mongo.kill()

@@ -14,7 +14,6 @@ import time
 import pytest
 import requests
 
-from services import PrivateFerretDB, PrivateRedis
 from stack import Stack, wait_until
 
 FAST_RECOVERY = {"lease_s": 3, "orphan_grace_s": 1, "sweep_interval_s": 0.5}
@@ -58,20 +57,6 @@ def submit_many(stack: Stack, count: int, accept_503: bool = False) -> tuple[lis
         assert answer.status_code == 202, answer.text
         accepted.append(answer.json()["jobId"])
     return accepted, refused
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    redis = PrivateRedis(tmp_path / "redis").start()
-    yield redis
-    redis.kill()
-
-
-@pytest.fixture
-def private_mongo(tmp_path):
-    mongo = PrivateFerretDB(tmp_path / "ferretdb").start()
-    yield mongo
-    mongo.kill()
 
 
 def test_a_killed_worker_host_is_recovered_through_its_lease(make_stack):

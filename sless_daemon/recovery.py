@@ -32,7 +32,8 @@ from .store import WITHDRAWN
 
 log = logging.getLogger("sless.recovery")
 MARKER_KEY = "sless:recovery:marker"
-ORPHAN_LIMIT = 2000  # jobs looked up in Redis per scan (one pipeline); the rest wait for the next
+ORPHAN_BATCH = 2000  # waiting jobs looked up in Redis per round trip (one pipeline)
+CLOCK_MARGIN_S = 1.0  # clocks of daemons on several hosts differ a little
 
 
 class Recovery:
@@ -139,29 +140,35 @@ class Recovery:
 
     def requeue_orphans(self) -> tuple[int, list[dict]]:
         """Enqueue again the waiting jobs whose message Redis lost; returns how many, and the
-        waiting jobs that became due too recently to tell (`sweep`'s second look)."""
-        now = utcnow()
+        waiting jobs that became due too recently to tell (`sweep`'s second look). A job
+        stamped up to CLOCK_MARGIN_S ahead of this host's clock (another host's) counts as
+        young; a retry due later than that is the due-retries sweep's."""
+        waiting = self.store.waiting()
+        now = utcnow()  # after the read, which takes seconds with many jobs
         old, young = [], []
-        for job in self.store.waiting():
+        for job in waiting:
             due_at = job["retry_at"] or job["submitted_at"]
-            if due_at <= now:  # a retry due later is the due-retries sweep's
-                (old if due_at < now - self.grace else young).append(job)
-        return self._requeue_lost(old[:ORPHAN_LIMIT]), young[:ORPHAN_LIMIT]
+            if due_at < now - self.grace:
+                old.append(job)
+            elif due_at <= now + timedelta(seconds=CLOCK_MARGIN_S):
+                young.append(job)
+        return self._requeue_lost(old), young
 
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.lifecycle.settings.orphan_grace_s)
 
     def _requeue_lost(self, waiting: list[dict]) -> int:
-        settings = self.lifecycle.settings
-        if not waiting:
-            return 0
-        lost = self.lifecycle.queue.missing([(job["_id"], job["attempts"]) for job in waiting], settings.lease_s)
+        """Send again those of the `waiting` jobs (as seen) that no worker will start from Redis,
+        asking Redis about ORPHAN_BATCH of them per round trip."""
         count = 0
-        for index in lost:
-            seen = waiting[index]
-            job = self.store.get(seen["_id"])  # now, and with its code and input for the message
-            count += self.send_again(job, seen["attempts"], "was waiting but Redis had no message for it")
+        for start in range(0, len(waiting), ORPHAN_BATCH):
+            batch = waiting[start:start + ORPHAN_BATCH]
+            pairs = [(job["_id"], job["attempts"]) for job in batch]
+            for index in self.lifecycle.queue.missing(pairs, self.lifecycle.settings.lease_s):
+                seen = batch[index]
+                job = self.store.get(seen["_id"])  # now, and with its code and input for the message
+                count += self.send_again(job, seen["attempts"], "was waiting but Redis had no message for it")
         return count
 
     def requeue_stuck_messages(self) -> int:

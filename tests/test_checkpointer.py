@@ -45,8 +45,12 @@ def test_the_log_goes_back_into_the_database_file_between_writes(private_mongo, 
 
     start_checkpointer()
     wait_until(lambda: database.stat().st_size > written, 10, "the log copied back into the database file")
-    assert events.count_documents({}) == DOCUMENTS
-    assert sorted(doc["n"] for doc in events.find({}, {"n": 1})) == list(range(DOCUMENTS))
+    written = database.stat().st_size
+    for n in range(DOCUMENTS, 2 * DOCUMENTS):  # and again after its first checkpoint
+        events.insert_one({"n": n, "payload": "x" * 300})
+    wait_until(lambda: database.stat().st_size > written, 10, "the new log copied back too")
+    assert events.count_documents({}) == 2 * DOCUMENTS
+    assert sorted(doc["n"] for doc in events.find({}, {"n": 1})) == list(range(2 * DOCUMENTS))
 
 
 def test_a_dropped_database_stays_dropped(private_mongo, start_checkpointer):

@@ -200,6 +200,34 @@ def test_a_scan_as_redis_forgot_looks_again_at_what_was_sent_last(lifecycle):
     assert pool.sweep().get("orphans", 0) == 0 and lifecycle.queue.depth() == 1  # sent once
 
 
+def test_every_orphan_is_sent_however_many_wait(lifecycle, monkeypatch):
+    """Redis is asked about the waiting jobs a batch at a time, and every batch is looked at."""
+    from sless_daemon import recovery
+
+    monkeypatch.setattr(recovery, "ORPHAN_BATCH", 2)  # 2,000 in use: five jobs make three batches
+    minute_ago = utcnow() - timedelta(minutes=1)
+    for _ in range(5):
+        job_id = lifecycle.accept(SPEC)
+        lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")
+        lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": minute_ago}})
+    lifecycle.queue.rq_queue.empty()
+    assert recovery.Recovery(lifecycle).sweep()["orphans"] == 5 and lifecycle.queue.depth() == 5
+
+
+def test_a_job_stamped_by_a_clock_a_little_ahead_is_looked_at_again(lifecycle):
+    """Another host's clock ran half a second ahead of the sweeper's: the job is young, not skipped."""
+    from sless_daemon.recovery import Recovery
+
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")
+    lifecycle.queue.rq_queue.empty()
+    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() + timedelta(seconds=0.5)}})
+    recovery = Recovery(lifecycle)
+    assert recovery.sweep()["orphans"] == 0
+    _, young = recovery.second_look
+    assert [job["_id"] for job in young] == [job_id]
+
+
 def test_the_sweep_goes_on_where_redis_refuses_info(lifecycle):
     """Managed Redis may refuse `INFO` (an ACL): no run id to compare, the rest as usual."""
     from sless_daemon.recovery import Recovery

@@ -65,8 +65,8 @@ class Recovery:
         may still be on its way to Redis, so the scan leaves it; a grace later those jobs,
         and only those, are looked at again (`second_look`): a daemon's start scan is too
         early for what its predecessor recorded last, and a scan as Redis forgot for what
-        it was sent last. Reading every job again for them cost FerretDB 0.3-0.5 s of CPU
-        at 800 jobs, in the middle of the calls of whoever uses it (BENCHMARKS.md, session 13).
+        it was sent last. Reading every job again for them took FerretDB 0.24-0.25 s at 800
+        jobs and 0.65-0.68 s at 2,000, in the middle of everyone's calls (BENCHMARKS.md, session 13).
 
         A worker pool skips the scan at start (`full_scan_at_start=False`) unless Redis lost
         its data, so starting workers does not read every job ever stored while they

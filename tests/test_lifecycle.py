@@ -43,6 +43,17 @@ def lifecycle():
     queue.connection.delete(queue.taken_key)
 
 
+def orphan(lifecycle: Lifecycle, submitted_at=None) -> str:
+    """A job recorded whose message Redis no longer has (a daemon died before enqueuing it, or
+    Redis lost it), stamped `submitted_at` when given; its id."""
+    job_id = lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")
+    lifecycle.queue.rq_queue.empty()
+    if submitted_at is not None:
+        lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": submitted_at}})
+    return job_id
+
+
 def message(lifecycle: Lifecycle, job_id: str, attempts: int = 0) -> dict:
     """The queue message for the attempt after `attempts`, as a worker would receive it."""
     job = rq.job.Job.fetch(message_id(job_id, attempts), connection=lifecycle.queue.connection,
@@ -171,9 +182,7 @@ def test_a_daemon_looks_again_at_what_its_predecessor_recorded_last(lifecycle):
     previous daemon died before enqueuing it): a grace later, those jobs are looked at."""
     from sless_daemon.recovery import Recovery
 
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # never enqueued
-    lifecycle.queue.rq_queue.empty()
+    job_id = orphan(lifecycle)  # never enqueued
     recovery = Recovery(lifecycle)  # the new daemon's sweeper, started at once
     assert recovery.sweep()["orphans"] == 0  # the start scan: younger than the grace, not an orphan yet
     _, young = recovery.second_look
@@ -190,9 +199,8 @@ def test_a_scan_as_redis_forgot_looks_again_at_what_was_sent_last(lifecycle):
 
     pool = Recovery(lifecycle, full_scan_at_start=False)
     pool.sweep()
-    job_id = lifecycle.accept(SPEC)  # enqueued; then Redis loses its data
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0", MARKER_KEY)
+    orphan(lifecycle)  # enqueued; then Redis loses its data
+    lifecycle.queue.connection.delete(MARKER_KEY)
     assert pool.sweep()["orphans"] == 0 and lifecycle.queue.depth() == 0
     _, young = pool.second_look
     pool.second_look = (0.0, young)  # a grace later
@@ -207,10 +215,7 @@ def test_every_orphan_is_sent_however_many_wait(lifecycle, monkeypatch):
     monkeypatch.setattr(recovery, "ORPHAN_BATCH", 2)  # 2,000 in use: five jobs make three batches
     minute_ago = utcnow() - timedelta(minutes=1)
     for _ in range(5):
-        job_id = lifecycle.accept(SPEC)
-        lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")
-        lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": minute_ago}})
-    lifecycle.queue.rq_queue.empty()
+        orphan(lifecycle, minute_ago)
     assert recovery.Recovery(lifecycle).sweep()["orphans"] == 5 and lifecycle.queue.depth() == 5
 
 
@@ -218,10 +223,7 @@ def test_a_job_stamped_by_a_clock_a_little_ahead_is_looked_at_again(lifecycle):
     """Another host's clock ran half a second ahead of the sweeper's: the job is young, not skipped."""
     from sless_daemon.recovery import Recovery
 
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() + timedelta(seconds=0.5)}})
+    job_id = orphan(lifecycle, utcnow() + timedelta(seconds=0.5))
     recovery = Recovery(lifecycle)
     assert recovery.sweep()["orphans"] == 0
     _, young = recovery.second_look
@@ -251,10 +253,7 @@ def test_a_pool_reads_every_job_at_start_only_when_redis_lost_its_data(lifecycle
     from sless_daemon.recovery import MARKER_KEY, Recovery
 
     Recovery(lifecycle).sweep()  # an earlier sweeper left its marker: Redis kept its data since
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # an orphan, as a daemon dying before enqueue leaves
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+    orphan(lifecycle, utcnow() - timedelta(minutes=1))  # as a daemon dying before enqueue leaves
     pool = Recovery(lifecycle, full_scan_at_start=False)
     assert pool.sweep()["orphans"] == 0
     assert lifecycle.queue.depth() == 0
@@ -271,10 +270,8 @@ def test_a_scan_after_redis_forgot_stays_due_until_one_goes_through(lifecycle, m
 
     recovery = Recovery(lifecycle, full_scan_at_start=False)
     recovery.sweep()
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0", MARKER_KEY)  # Redis lost its data
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+    orphan(lifecycle, utcnow() - timedelta(minutes=1))
+    lifecycle.queue.connection.delete(MARKER_KEY)  # Redis lost its data
 
     def refused(*args):
         raise DependencyDown("MongoDB", "gone")
@@ -334,10 +331,7 @@ def test_an_expired_lease_is_settled_as_lost_and_retried(lifecycle):
 def test_a_lost_message_is_enqueued_again(lifecycle):
     from sless_daemon.recovery import Recovery
 
-    job_id = lifecycle.accept(SPEC)
-    lifecycle.queue.connection.delete(f"rq:job:{job_id}-0")  # as if Redis restarted without persistence
-    lifecycle.queue.rq_queue.empty()
-    lifecycle.store.jobs.update_one({"_id": job_id}, {"$set": {"submitted_at": utcnow() - timedelta(minutes=1)}})
+    orphan(lifecycle, utcnow() - timedelta(minutes=1))  # as if Redis restarted without persistence
     assert Recovery(lifecycle).sweep()["orphans"] == 1
     assert lifecycle.queue.depth() == 1
     assert Recovery(lifecycle).sweep()["orphans"] == 0  # now queued: left alone

@@ -101,6 +101,8 @@ class Capture:
                         deadline = min(deadline, time.monotonic() + EXIT_DRAIN_S)
                     elif fd == pipes.stdin:
                         pending = self._feed(selector, pipes, pending)
+                        if not pending:
+                            watch.request_sent()
                     else:
                         kept = self._drain(selector, fd, sinks[fd])
                         if kept and fd in names:
@@ -190,6 +192,9 @@ class Watch:
 
     def cancelled(self) -> bool:
         return False
+
+    def request_sent(self) -> None:
+        """The attempt has its whole request: its code is about to run."""
 
     def done(self) -> None:
         """The attempt's pipes are closing: publish what is left."""

@@ -23,7 +23,10 @@ reads RQ's, so this loop uses RQ for what it needs only:
   with its settle, it goes with that settle's announcement instead (the handler says
   so: worker.AttemptRunner). `TAKE` also notes each message it takes
   in a sorted set (`queue.TAKEN_KEY`) and `finished` removes it, so the recovery sweep
-  finds a message taken and never handled by looking there, without reading every job.
+  finds a message taken and never handled by looking there, without reading every job;
+- `TAKE` also says how many messages were still queued behind the one it took, which
+  the handler is given: with a queue to drain, the worker writes an attempt's outcome
+  once the next attempt runs (worker.Recorder), not while it is being started.
 
 Measured (BENCHMARKS.md, session 4, step 10): RQ's `Queue.dequeue_any` plus the
 `started` and `finished` marks took four round trips and 0.5-0.7 ms of the worker's CPU
@@ -57,8 +60,8 @@ REDIS_RETRY_S = 1.0
 # KEYS: the queue, RQ's intermediate list, the queue's set of taken messages (queue.TAKEN_KEY).
 # ARGV: RQ's job hash prefix, started_at, worker name, the id BLMOVE parked in the intermediate
 # list ('' to pop from the queue), the id of the message handled last ('' if none) to mark
-# finished, how long a handled message stays, and now (epoch seconds). Returns {id, data}, data
-# false when the hash is gone, or nil when the queue is empty.
+# finished, how long a handled message stays, and now (epoch seconds). Returns {id, data, queued},
+# data false when the hash is gone and queued the messages still queued, or nil when the queue is empty.
 TAKE = """
 if ARGV[5] ~= '' then
   redis.call('HSET', ARGV[1] .. ARGV[5], 'status', 'finished')
@@ -78,7 +81,7 @@ if data then
   redis.call('HSET', key, 'status', 'started', 'started_at', ARGV[2], 'worker_name', ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[7], id)
 end
-return {id, data}
+return {id, data, redis.call('LLEN', KEYS[1])}
 """
 
 
@@ -96,9 +99,10 @@ def message_payload(data: bytes) -> dict:
 class Consumer:
     """Feeds each message's payload to `handle`, one at a time, until told to stop."""
 
-    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict], bool],
+    def __init__(self, queue: JobQueue, name: str, handle: Callable[[dict, int], bool],
                  idle: Callable[[], None] = lambda: None):
-        """`handle` returns False when it marks the message finished itself later (once the
+        """`handle(payload, queued)` gets how many messages were queued behind this one when it
+        was taken, and returns False when it marks the message finished itself later (once the
         attempt's record is written: worker.AttemptRunner); `idle` is called whenever the
         queue is found empty, before waiting for a message."""
         self.queue = queue
@@ -144,20 +148,21 @@ class Consumer:
             return
         if taken is None:
             return
-        message_id, data = taken
+        message_id, data, queued = taken
         if data is None:
             log.warning("message %s has no payload any more (expired or deleted); skipped", message_id)
             return
         try:
-            handled = self.handle(message_payload(data))
+            handled = self.handle(message_payload(data), queued)
         except Exception:  # noqa: BLE001 - a bad message must not stop the loop; the sweep re-sends what waits
             log.exception("message %s could not be handled", message_id)
             self._mark(message_id, "failed")
         else:
             self.handled = message_id if handled else ""
 
-    def next_message(self) -> tuple[str, bytes | None] | None:
-        """(id, payload) of the next message, marked started; waits up to DEQUEUE_WAIT_S for one."""
+    def next_message(self) -> tuple[str, bytes | None, int] | None:
+        """(id, payload, messages queued behind it) of the next message, marked started; waits up
+        to DEQUEUE_WAIT_S for one."""
         taken = self._take("")
         if taken is None:
             self.idle()
@@ -165,8 +170,8 @@ class Consumer:
             if parked is None:
                 return None
             taken = self._take(parked.decode())
-        message_id, data = taken
-        return message_id.decode(), data
+        message_id, data, queued = taken
+        return message_id.decode(), data, queued
 
     def _take(self, parked: str):
         taken = self.take(keys=self.keys, args=[rq.job.Job.redis_job_namespace_prefix, utcformat(now()),

@@ -79,3 +79,28 @@ def test_a_whole_report_ends_the_attempt_without_its_exit_status(monkeypatch):
     control.close()
     assert ended_by == "exited" and loop.report() == '{"ok": true, "result": 1}'
     assert left_s > 30  # it did not wait for the deadline (a liveness bound)
+
+
+class ReadsTheRequest(Watch):
+    """Reads what the attempt's stdin holds when the loop says the request is sent."""
+
+    def __init__(self, stdin_r: int):
+        self.stdin_r = stdin_r
+        self.seen: bytes | None = None
+
+    def request_sent(self) -> None:
+        self.seen = os.read(self.stdin_r, 1 << 16)
+
+
+def test_the_watch_is_told_once_the_whole_request_is_in_the_attempt_s_stdin():
+    """The worker's recorder waits for this (worker.Recorder.hold): told early, it would write
+    while the next job is still being started; never told, it would wait HOLD_MAX_S each time."""
+    pipes, control, server, stdin_r = reported_attempt(b'{"ok": true, "result": 42}')
+    watch = ReadsTheRequest(stdin_r)
+    loop = Capture(resolve({}, Settings.from_env({})), flood_bytes=1 << 20)
+    try:
+        assert loop.pump(pipes, control.fileno(), b'{"input": 21}', time.monotonic() + 5, watch) == "exited"
+    finally:
+        os.close(stdin_r)
+        server.close()
+    assert watch.seen == b'{"input": 21}' and loop.report() == '{"ok": true, "result": 42}'

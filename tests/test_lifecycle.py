@@ -561,7 +561,7 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(lif
 
     queue = lifecycle.queue
     died, lived = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
-    taker = Consumer(queue, "taker", lambda payload: None)
+    taker = Consumer(queue, "taker", lambda payload, queued: None)
     assert taker.next_message()[0] == message_id(died, 0)  # taken, then the worker died
     assert taker.next_message()[0] == message_id(lived, 0)
     assert lifecycle.start(message(lifecycle, lived)) is not None  # this one was claimed
@@ -573,7 +573,7 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(lif
     recovery.next_full_scan = float("inf")  # only the cheap check may run
     assert recovery.sweep()["orphans"] == 1
     assert queue.depth() == 1 and queue.taken_before(float("inf")) == []
-    assert Consumer(queue, "next", lambda payload: None).next_message()[0] == message_id(died, 0)
+    assert Consumer(queue, "next", lambda payload, queued: None).next_message()[0] == message_id(died, 0)
     sweeper.settings = lifecycle.settings  # a lease of grace (10 s) for a message taken just now
     recovery.next_orphan_scan = 0.0
     assert recovery.sweep()["orphans"] == 0 and queue.depth() == 0
@@ -584,11 +584,24 @@ def test_a_handled_message_leaves_the_taken_set(lifecycle):
 
     lifecycle.accept(SPEC)
     handled = []
-    consumer = Consumer(lifecycle.queue, "w", lambda payload: handled.append(payload) or True)
+    consumer = Consumer(lifecycle.queue, "w", lambda payload, queued: handled.append(payload) or True)
     consumer.take_one()
     assert len(handled) == 1 and len(lifecycle.queue.taken_before(float("inf"))) == 1
     consumer.take_one()  # the next take (the queue is empty: it waits a second) marks the last finished
     assert lifecycle.queue.taken_before(float("inf")) == []
+
+
+def test_a_taken_message_comes_with_how_many_messages_wait_behind_it(lifecycle):
+    """What lets a draining worker write an outcome after starting the next job (worker.Recorder)."""
+    from sless_daemon.consumer import Consumer
+
+    for _ in range(3):
+        lifecycle.accept(SPEC)
+    queued = []
+    consumer = Consumer(lifecycle.queue, "w", lambda payload, behind: queued.append(behind) or True)
+    for _ in range(3):
+        consumer.take_one()
+    assert queued == [2, 1, 0]
 
 
 def test_a_message_whose_record_is_written_later_stays_taken_until_then(lifecycle):
@@ -597,7 +610,7 @@ def test_a_message_whose_record_is_written_later_stays_taken_until_then(lifecycl
     from sless_daemon.consumer import Consumer
 
     job_id = lifecycle.accept(SPEC)
-    consumer = Consumer(lifecycle.queue, "w", lambda payload: False)
+    consumer = Consumer(lifecycle.queue, "w", lambda payload, queued: False)
     consumer.take_one()
     consumer.take_one()  # the next take marks nothing
     assert lifecycle.queue.taken_before(float("inf")) == [message_id(job_id, 0)]
@@ -629,7 +642,7 @@ def test_a_claim_that_went_in_without_its_settle_is_settled_lost_once_its_worker
     from sless_daemon.store import step_event
 
     job_id = lifecycle.accept(SPEC)
-    worker = Consumer(lifecycle.queue, f"w-{uuid.uuid4().hex[:6]}", lambda payload: False)
+    worker = Consumer(lifecycle.queue, f"w-{uuid.uuid4().hex[:6]}", lambda payload, queued: False)
     worker.worker.register_birth()
     worker.take_one()
     lifecycle.store.events.insert_one(step_event(job_id, 1, "claim", worker.worker.name, run="r"))  # alone
@@ -651,7 +664,7 @@ def test_a_withdrawal_that_stopped_halfway_is_finished_by_the_sweep(lifecycle):
     from sless_daemon.store import WITHDRAWN
 
     job_id = lifecycle.accept(SPEC)
-    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    Consumer(lifecycle.queue, "w", lambda payload, queued: False).take_one()
     lifecycle.store.fence(job_id, 1, WITHDRAWN)
     stuck_sweep(lifecycle).sweep()
     assert lifecycle.store.get(job_id) is None and lifecycle.queue.depth() == 0
@@ -663,7 +676,7 @@ def test_a_stuck_message_is_forgotten_by_one_sweeper(lifecycle):
     from sless_daemon.consumer import Consumer
 
     job_id = lifecycle.accept(SPEC)
-    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    Consumer(lifecycle.queue, "w", lambda payload, queued: False).take_one()
     queue, taken = lifecycle.queue, message_id(job_id, 0)
     assert not queue.forget_stuck(taken, time.time() - 60)  # taken later than that
     assert queue.forget_stuck(taken, time.time()) and not queue.forget_stuck(taken, time.time())
@@ -677,7 +690,7 @@ def test_a_retry_settled_with_its_claim_and_never_noted_is_noted_by_the_sweep(li
     from sless_daemon.store import settle_event, step_event
 
     job_id = lifecycle.accept(SPEC)
-    Consumer(lifecycle.queue, "dead", lambda payload: False).take_one()
+    Consumer(lifecycle.queue, "dead", lambda payload, queued: False).take_one()
     retry_at = utcnow()
     settle = settle_event(job_id, 1, {"state": "submitted", "retry_at": retry_at}, {"type": "exception"}, "dead")
     lifecycle.store.settle_many([settle], "dead", [step_event(job_id, 1, "claim", "dead")])
@@ -696,7 +709,7 @@ def test_a_retry_claimed_with_its_settle_keeps_its_message_taken_until_noted(lif
     from sless_daemon.errors import DependencyDown
 
     job_id = lifecycle.accept(SPEC)
-    Consumer(lifecycle.queue, "w", lambda payload: False).take_one()
+    Consumer(lifecycle.queue, "w", lambda payload, queued: False).take_one()
     job = lifecycle.attempt_of(message(lifecycle, job_id))
 
     def refused(*args):
@@ -725,8 +738,8 @@ def test_busy_workers_are_those_handling_a_message(lifecycle):
     lifecycle.accept(SPEC)
     lifecycle.accept(SPEC)
     assert lifecycle.queue.busy_workers() == set()
-    done = Consumer(lifecycle.queue, "done", lambda payload: True)
-    held = Consumer(lifecycle.queue, "held", lambda payload: False)
+    done = Consumer(lifecycle.queue, "done", lambda payload, queued: True)
+    held = Consumer(lifecycle.queue, "held", lambda payload, queued: False)
     done.take_one()
     held.take_one()
     assert lifecycle.queue.busy_workers() == {"done", "held"}

@@ -115,3 +115,36 @@ def test_one_failing_renewal_does_not_stop_the_others():
     seen = len(renewed)
     time.sleep(0.1)
     assert len(renewed) == seen  # released: no longer renewed
+
+
+def test_an_outcome_held_while_the_next_job_starts_is_written_once_it_runs():
+    runner = Runner()
+    recorder = Recorder(runner)
+    recorder.HOLD_MAX_S = 3600  # only `release` can let it through within this test
+    recorder.hold()
+    recorder.submit(finished(0))
+    time.sleep(0.3)
+    assert runner.recorded == []
+    recorder.release()  # the next attempt has its request
+    assert wait_for(lambda: runner.recorded == ["job0"])
+
+
+def test_a_held_outcome_is_written_after_the_longest_hold_even_unreleased():
+    """A next job that never gets its request (a duplicate, an unreadable message) must not
+    keep an outcome from MongoDB."""
+    runner = Runner()
+    recorder = Recorder(runner)
+    recorder.HOLD_MAX_S = 0.05
+    recorder.hold()
+    recorder.submit(finished(0))
+    assert wait_for(lambda: runner.recorded == ["job0"])
+
+
+def test_a_stopping_worker_writes_what_it_held():
+    runner = Runner()
+    recorder = Recorder(runner)
+    recorder.HOLD_MAX_S = 3600
+    recorder.hold()
+    recorder.submit(finished(0))
+    recorder.drain()
+    assert runner.recorded == ["job0"]

@@ -29,7 +29,7 @@ def watch_with_claim(hold_s: float = 0.0) -> tuple[AttemptWatch, concurrent.futu
     if not hold_s:
         claim.start()
     job_id = uuid.uuid4().hex
-    return AttemptWatch(lifecycle, job_id, 1, "w-test", claim, hold_s), answer, feed, job_id
+    return AttemptWatch(lifecycle, job_id, 1, "w-test", claim, None, hold_s), answer, feed, job_id
 
 
 def kinds(feed: Feed, job_id: str) -> list[tuple]:

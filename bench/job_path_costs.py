@@ -72,7 +72,7 @@ def main() -> None:
     spec = JobSpec(code="return input * 2", input=1, limits=default_limits(settings), retries=0)
     ids = [new_job_id() for _ in range(runs)]
     jobs, now = [], utcnow()
-    consumer = Consumer(queue, f"{scratch}-worker", lambda message: True)  # handled: the next TAKE marks it
+    consumer = Consumer(queue, f"{scratch}-worker", lambda message, queued: True)  # handled: the next TAKE marks it
     settles = [settle_event(job_id, 1, {"state": "completed", "result_json": "2", "stdout": "", "stderr": "",
                                         "duration_ms": 1.0}, None, "bench") for job_id in ids]
     print(f"Costs of one call, mean of {runs} calls (MongoDB at {settings.mongo_url}, Redis at {settings.redis_url})\n")

@@ -66,7 +66,8 @@ class Capture:
 
         `pipes` are the worker's ends (jobhost.AttemptPipes); `exit_fd` becomes readable
         when the attempt's process tree has ended; `watch` (optional) gets the output as
-        it comes and says when the attempt is cancelled. Returns why it stopped:
+        it comes and says when the attempt is cancelled, and is told once the whole request
+        is in the attempt's stdin (`request_sent`). Returns why it stopped:
         "exited", "timeout", "output_limit" or "cancelled". The pipes are closed on return.
         Once a report has come whole and the output pipes closed, it does not wait for
         `exit_fd`: the outcome is known, and the caller reads the exit status later

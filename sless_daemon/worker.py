@@ -103,6 +103,7 @@ class AttemptRunner:
         try:
             spec = spec_from_job(job)
         except Exception as e:  # noqa: BLE001 - a message this worker cannot read fails its attempt, once
+            self.recorder.write_now()  # no request will release it
             self.fail_unreadable(job, e, timings, fields)
             return True
         claim_first = self.executor.sandbox is None  # no sandbox (--insecure): the code could reach the world
@@ -111,6 +112,7 @@ class AttemptRunner:
         if not hold_s:
             claim.start()
         if claim_first and not claim.future.result():  # started just above
+            self.recorder.write_now()  # no request will release it
             log_duplicate(job, fields)
             return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
@@ -132,7 +134,7 @@ class AttemptRunner:
                 watch.done()  # what it held back while the claim was being written
             finally:
                 if queued:
-                    self.recorder.hold()  # the next job is started first (Recorder)
+                    self.recorder.defer_writes()  # the next job is started first (Recorder)
                 self.recorder.submit(Finished(job, outcome, timings, fields, run))  # always: it holds a lease or its message
             return run is None
         finally:
@@ -141,12 +143,13 @@ class AttemptRunner:
     def idle(self) -> None:
         """The queue is empty: end what the last attempt left (its exit status is read here, not
         when the next job comes, so an attempt that reported and runs on is killed within
-        capture.EXIT_DRAIN_S however long the queue stays empty), and drop settled leases."""
+        capture.EXIT_DRAIN_S however long the queue stays empty), write what the recorder
+        deferred, and drop settled leases."""
+        self.recorder.write_now()
         try:
             self.executor.collect_ended()
         except Exception:  # noqa: BLE001 - the worker goes on; a broken fork server is replaced at the next job
             log.exception("the sandbox of %s could not be checked after its last attempt", self.worker_name)
-        self.recorder.release()
         self.recorder.idle()
 
     def claim(self, job: dict, spec: JobSpec, timings: dict, fields: dict) -> bool:
@@ -176,6 +179,7 @@ class AttemptRunner:
         try:
             return self.executor.run(spec, context, watch)
         except Exception as e:  # noqa: BLE001 - a poison job must never stop the worker loop
+            self.recorder.write_now()  # its request may never have gone
             log.exception("job %s: the executor failed", context["job_id"], extra={"job_id": context["job_id"]})
             return AttemptOutcome(error=failed(ErrorType.CRASHED, f"The executor failed: {type(e).__name__}: {e}"))
 
@@ -246,15 +250,16 @@ class Recorder:
     """Writes finished attempts' outcomes from a thread of its own, while the worker takes its
     next job: the write is off the path from one job to the next.
 
-    While messages wait (a drain), it writes an attempt's outcome once the next attempt has
-    its request (`hold` at the end of one, `release` at the next one's request, or when the
-    queue is found empty, or after HOLD_MAX_S whatever happens): the worker's own path to
+    While messages wait behind an attempt (a drain), its outcome is written once the next
+    attempt has its request (`defer_writes` as one ends; `write_now` at the next one's request,
+    when a message leads to no request, when the queue is found empty, or as the worker stops;
+    DEFER_MAX_S at most in any case): the worker's own path to
     the next job (reading the report, `TAKE`, the spare's limits, the request) and the fork
     server's (the ended attempt's exit, the next sandbox) then share the two cores with
     neither the write (the interpreter lock, BSON, FerretDB's insert and commit) nor the
     announcement's pipeline. Measured (BENCHMARKS.md, session 14, step 29): from one
-    `cpu10` job's code to the next's 2.53-2.82 ms without, 2.01-2.44 with. An outcome
-    waits at most for the next job's start; with nothing queued it is written at once.
+    `cpu10` job's code to the next's 2.53-2.82 ms without, 2.01-2.44 with. An attempt with no
+    message queued behind it does not defer its outcome.
 
     An attempt keeps its lease, renewed, until its outcome is written. If the worker
     dies with outcomes unwritten, the recovery sweep settles those attempts as lost and
@@ -272,7 +277,7 @@ class Recorder:
     """
 
     MAX_PENDING = 4
-    HOLD_MAX_S = 0.05  # an outcome held for the next job's start is written after this anyway
+    DEFER_MAX_S = 0.05  # an outcome deferred for the next job's start is written after this anyway
     DROP_AFTER_S = 0.5
     DROP_BATCH = 64
     DROP_NOW = None  # queued by `idle`: drop what is settled once what finished before it is written
@@ -284,15 +289,16 @@ class Recorder:
         self.drop_at = float("inf")
         self.lock = threading.Lock()  # over `settled`
         self.dropping = threading.Lock()  # one drop at a time: the recorder's, or `drain`'s last
-        self.may_write = threading.Event()  # clear while the worker starts its next job (hold)
+        self.may_write = threading.Event()  # clear while the worker starts its next job (defer_writes)
         self.may_write.set()
         threading.Thread(target=self.loop, name="recorder", daemon=True).start()
 
-    def hold(self) -> None:
-        """The worker is starting its next job: write nothing until `release` (or HOLD_MAX_S)."""
+    def defer_writes(self) -> None:
+        """The worker is starting its next job: write nothing until `write_now` (or DEFER_MAX_S)."""
         self.may_write.clear()
 
-    def release(self) -> None:
+    def write_now(self) -> None:
+        """The next job runs (or none will start soon): write what waits."""
         self.may_write.set()
 
     def submit(self, finished: Finished) -> None:
@@ -308,7 +314,7 @@ class Recorder:
 
     def drain(self) -> None:
         """Wait until every outcome is written; then try once to drop the leases left."""
-        self.release()
+        self.write_now()
         self.pending.join()
         try:
             self.drop_settled_leases(retry=False)
@@ -322,7 +328,7 @@ class Recorder:
             except queue.Empty:
                 items = []  # the settled leases are due
             if items:
-                self.may_write.wait(self.HOLD_MAX_S)
+                self.may_write.wait(self.DEFER_MAX_S)
             while items and len(items) <= self.MAX_PENDING:  # whatever else finished meanwhile: one insert
                 try:
                     items.append(self.pending.get_nowait())
@@ -385,7 +391,8 @@ class AttemptWatch(Watch):
     out with the first output or at the first cancel check, so a job of a few
     milliseconds that prints nothing costs no Redis call here at all (its end is
     announced with the settle). Redis being away never stops the attempt: its feed is
-    incomplete and a cancel waits.
+    incomplete and a cancel waits. Once the attempt has its whole request, it lets the recorder
+    write the outcome of the attempt before (Recorder.defer_writes).
     """
 
     CANCEL_CHECK_S = 0.25
@@ -433,7 +440,7 @@ class AttemptWatch(Watch):
             self.publish()
 
     def request_sent(self) -> None:
-        self.recorder.release()  # this attempt runs: the outcome of the one before may be written
+        self.recorder.write_now()  # this attempt runs: the outcome of the one before may be written
 
     def cancelled(self) -> bool:
         if not self.claim.started:

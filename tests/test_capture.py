@@ -93,9 +93,10 @@ class ReadsTheRequest(Watch):
 
 
 def test_the_watch_is_told_once_the_whole_request_is_in_the_attempt_s_stdin():
-    """The worker's recorder waits for this (worker.Recorder.hold): told early, it would write
-    while the next job is still being started; never told, it would wait HOLD_MAX_S each time."""
+    """The worker's recorder waits for this (worker.Recorder.defer_writes): told early, it would write
+    while the next job is still being started; never told, it would wait DEFER_MAX_S each time."""
     pipes, control, server, stdin_r = reported_attempt(b'{"ok": true, "result": 42}')
+    os.set_blocking(stdin_r, False)  # told before the write, the read fails instead of waiting
     watch = ReadsTheRequest(stdin_r)
     loop = Capture(resolve({}, Settings.from_env({})), flood_bytes=1 << 20)
     try:

@@ -1,7 +1,8 @@
 """State changes against the real MongoDB-wire server and Redis, without processes.
 
 These pin down the rules every process relies on: a job is claimed once, a stale
-attempt cannot write, a due retry is enqueued once however many sweepers run.
+attempt cannot write, a due retry is enqueued once however many sweepers run. The last
+tests drive a worker's attempt runner by hand, with a real sandbox, for when it writes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sless_daemon.settings import Settings
 from sless_daemon.spec import JobSpec
 from sless_daemon.states import ErrorType, JobState
 from sless_daemon.store import OutcomeStore, connect_mongo
-from stack import MONGO_URL, REDIS_URL
+from stack import MONGO_URL, REDIS_URL, wait_until
 
 SPEC = JobSpec(code="return 1", input={"n": 1}, limits=resolve({"timeout_s": 1.0, "memory_mb": 64}, Settings()),
                retries=1)
@@ -604,6 +605,16 @@ def test_a_taken_message_comes_with_how_many_messages_wait_behind_it(lifecycle):
     assert queued == [2, 1, 0]
 
 
+def test_a_message_whose_payload_is_gone_is_taken_without_one(lifecycle):
+    from sless_daemon.consumer import Consumer
+
+    gone = lifecycle.accept(SPEC)
+    lifecycle.accept(SPEC)
+    lifecycle.queue.connection.delete(f"rq:job:{message_id(gone, 0)}")
+    taken = Consumer(lifecycle.queue, "w", lambda payload, queued: True).next_message()
+    assert taken == (message_id(gone, 0), None, 1)
+
+
 def test_a_message_whose_record_is_written_later_stays_taken_until_then(lifecycle):
     """A handler that answers False (an attempt whose claim goes in with its settle) leaves
     the message taken, for the sweep, until the settle's announcement marks it finished."""
@@ -761,3 +772,53 @@ def test_a_parked_message_is_sent_again_once_and_then_left_alone(lifecycle):
     assert recovery.requeue_stuck_messages() == 1
     assert queue.depth() == 1 and queue.parked() == []
     assert recovery.requeue_stuck_messages() == 0
+
+
+@pytest.fixture
+def runner(lifecycle):
+    """A worker's attempt runner on `lifecycle`, in a real sandbox; its deferred writes wait
+    for a word (never for DEFER_MAX_S) within a test."""
+    from sless_daemon.executor import Executor
+    from sless_daemon.sandbox import build_sandbox
+    from sless_daemon.worker import AttemptRunner
+
+    sandbox = build_sandbox("", lifecycle.settings.sandbox_uid_base + 92, slot=0)
+    attempts = AttemptRunner(lifecycle, Executor(lifecycle.settings, sandbox, "runner-test"), "runner-test")
+    attempts.recorder.DEFER_MAX_S = 3600
+    yield attempts
+    attempts.recorder.drain()
+    attempts.executor.close()
+
+
+def completed(lifecycle: Lifecycle, *job_ids: str) -> bool:
+    return all(lifecycle.store.get(job_id)["state"] == JobState.COMPLETED.value for job_id in job_ids)
+
+
+def test_an_outcome_with_messages_behind_it_is_written_once_the_next_attempt_has_its_request(lifecycle, runner):
+    first, second = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
+    runner.run(message(lifecycle, first), 1)
+    time.sleep(0.3)
+    assert not completed(lifecycle, first)  # deferred while the next job starts
+    runner.run(message(lifecycle, second), 0)  # its request lets the first through; nothing waits behind it
+    wait_until(lambda: completed(lifecycle, first, second), 10, "both outcomes written")
+
+
+def test_an_outcome_with_nothing_behind_it_is_not_deferred(lifecycle, runner):
+    job_id = lifecycle.accept(SPEC)
+    runner.run(message(lifecycle, job_id), 0)
+    wait_until(lambda: completed(lifecycle, job_id), 10, "the outcome written")
+
+
+def test_a_deferred_outcome_is_written_when_the_queue_is_found_empty(lifecycle, runner):
+    job_id = lifecycle.accept(SPEC)
+    runner.run(message(lifecycle, job_id), 1)  # another worker takes the message behind it
+    runner.idle()
+    wait_until(lambda: completed(lifecycle, job_id), 10, "the outcome written")
+
+
+def test_a_deferred_outcome_is_written_when_the_next_message_cannot_be_read(lifecycle, runner):
+    first, second = lifecycle.accept(SPEC), lifecycle.accept(SPEC)
+    runner.run(message(lifecycle, first), 1)
+    runner.run({**message(lifecycle, second), "limits": "unreadable"}, 0)  # fails, with no request sent
+    wait_until(lambda: completed(lifecycle, first), 10, "the first outcome written")
+    assert lifecycle.store.get(second)["state"] != JobState.COMPLETED.value

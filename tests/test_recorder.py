@@ -117,34 +117,38 @@ def test_one_failing_renewal_does_not_stop_the_others():
     assert len(renewed) == seen  # released: no longer renewed
 
 
-def test_an_outcome_held_while_the_next_job_starts_is_written_once_it_runs():
+
+def test_an_outcome_deferred_while_the_next_job_starts_is_written_once_it_runs():
     runner = Runner()
     recorder = Recorder(runner)
-    recorder.HOLD_MAX_S = 3600  # only `release` can let it through within this test
-    recorder.hold()
+    recorder.DEFER_MAX_S = 3600  # only `write_now` can let it through within this test
+    recorder.defer_writes()
     recorder.submit(finished(0))
     time.sleep(0.3)
     assert runner.recorded == []
-    recorder.release()  # the next attempt has its request
+    recorder.write_now()  # the next attempt has its request
     assert wait_for(lambda: runner.recorded == ["job0"])
 
 
-def test_a_held_outcome_is_written_after_the_longest_hold_even_unreleased():
-    """A next job that never gets its request (a duplicate, an unreadable message) must not
-    keep an outcome from MongoDB."""
+def test_a_deferred_outcome_is_written_after_the_longest_deferral_without_a_word():
+    """Whatever path forgets `write_now`, an outcome reaches MongoDB DEFER_MAX_S later."""
     runner = Runner()
     recorder = Recorder(runner)
-    recorder.HOLD_MAX_S = 0.05
-    recorder.hold()
+    recorder.DEFER_MAX_S = 1.0
+    recorder.defer_writes()
     recorder.submit(finished(0))
-    assert wait_for(lambda: runner.recorded == ["job0"])
+    time.sleep(0.2)
+    assert runner.recorded == []  # deferred...
+    assert wait_for(lambda: runner.recorded == ["job0"])  # ...not for ever
 
 
-def test_a_stopping_worker_writes_what_it_held():
+def test_a_stopping_worker_writes_what_it_deferred():
     runner = Runner()
     recorder = Recorder(runner)
-    recorder.HOLD_MAX_S = 3600
-    recorder.hold()
+    recorder.DEFER_MAX_S = 3600
+    recorder.defer_writes()
     recorder.submit(finished(0))
-    recorder.drain()
-    assert runner.recorded == ["job0"]
+    draining = threading.Thread(target=recorder.drain, daemon=True)
+    draining.start()
+    draining.join(timeout=10)
+    assert not draining.is_alive() and runner.recorded == ["job0"]

@@ -103,7 +103,7 @@ class AttemptRunner:
         try:
             spec = spec_from_job(job)
         except Exception as e:  # noqa: BLE001 - a message this worker cannot read fails its attempt, once
-            self.recorder.write_now()  # no request will release it
+            self.recorder.write_now()  # no request follows to let the last outcome through
             self.fail_unreadable(job, e, timings, fields)
             return True
         claim_first = self.executor.sandbox is None  # no sandbox (--insecure): the code could reach the world
@@ -112,7 +112,7 @@ class AttemptRunner:
         if not hold_s:
             claim.start()
         if claim_first and not claim.future.result():  # started just above
-            self.recorder.write_now()  # no request will release it
+            self.recorder.write_now()  # no request follows to let the last outcome through
             log_duplicate(job, fields)
             return True
         context = {"job_id": job["_id"], "attempt": job["attempts"], "max_attempts": spec.max_attempts,
@@ -253,13 +253,13 @@ class Recorder:
     While messages wait behind an attempt (a drain), its outcome is written once the next
     attempt has its request (`defer_writes` as one ends; `write_now` at the next one's request,
     when a message leads to no request, when the queue is found empty, or as the worker stops;
-    DEFER_MAX_S at most in any case): the worker's own path to
-    the next job (reading the report, `TAKE`, the spare's limits, the request) and the fork
-    server's (the ended attempt's exit, the next sandbox) then share the two cores with
-    neither the write (the interpreter lock, BSON, FerretDB's insert and commit) nor the
-    announcement's pipeline. Measured (BENCHMARKS.md, session 14, step 29): from one
-    `cpu10` job's code to the next's 2.53-2.82 ms without, 2.01-2.44 with. An attempt with no
-    message queued behind it does not defer its outcome.
+    DEFER_MAX_S at most in any case): the worker's own path to the next job (reading the
+    report, `TAKE`, the spare's limits, the request) and the fork server's (the ended
+    attempt's exit, the next sandbox) then share the two cores with neither the write (the
+    interpreter lock, BSON, FerretDB's insert and commit) nor the announcement's pipeline.
+    Measured (BENCHMARKS.md, session 14, step 29): from one `cpu10` job's code to the next's
+    2.53-2.82 ms without, 2.01-2.44 with. An attempt with no message queued behind it does
+    not defer its outcome.
 
     An attempt keeps its lease, renewed, until its outcome is written. If the worker
     dies with outcomes unwritten, the recovery sweep settles those attempts as lost and

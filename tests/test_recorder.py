@@ -117,13 +117,18 @@ def test_one_failing_renewal_does_not_stop_the_others():
     assert len(renewed) == seen  # released: no longer renewed
 
 
-
-def test_an_outcome_deferred_while_the_next_job_starts_is_written_once_it_runs():
+def one_deferred(defer_max_s: float) -> tuple[Runner, Recorder]:
+    """A recorder given one outcome while the worker starts its next job."""
     runner = Runner()
     recorder = Recorder(runner)
-    recorder.DEFER_MAX_S = 3600  # only `write_now` can let it through within this test
+    recorder.DEFER_MAX_S = defer_max_s
     recorder.defer_writes()
     recorder.submit(finished(0))
+    return runner, recorder
+
+
+def test_an_outcome_deferred_while_the_next_job_starts_is_written_once_it_runs():
+    runner, recorder = one_deferred(3600)  # only `write_now` can let it through within this test
     time.sleep(0.3)
     assert runner.recorded == []
     recorder.write_now()  # the next attempt has its request
@@ -132,22 +137,14 @@ def test_an_outcome_deferred_while_the_next_job_starts_is_written_once_it_runs()
 
 def test_a_deferred_outcome_is_written_after_the_longest_deferral_without_a_word():
     """Whatever path forgets `write_now`, an outcome reaches MongoDB DEFER_MAX_S later."""
-    runner = Runner()
-    recorder = Recorder(runner)
-    recorder.DEFER_MAX_S = 1.0
-    recorder.defer_writes()
-    recorder.submit(finished(0))
+    runner, _ = one_deferred(1.0)
     time.sleep(0.2)
     assert runner.recorded == []  # deferred...
     assert wait_for(lambda: runner.recorded == ["job0"])  # ...not for ever
 
 
 def test_a_stopping_worker_writes_what_it_deferred():
-    runner = Runner()
-    recorder = Recorder(runner)
-    recorder.DEFER_MAX_S = 3600
-    recorder.defer_writes()
-    recorder.submit(finished(0))
+    runner, recorder = one_deferred(3600)
     draining = threading.Thread(target=recorder.drain, daemon=True)
     draining.start()
     draining.join(timeout=10)

@@ -10,7 +10,6 @@ import functools
 import hmac
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -157,7 +156,7 @@ class Api:
     def retry(self, job_id: str):
         """Dead letters: a failed job runs again as a new attempt."""
         if not JOB_ID_PATTERN.match(job_id):
-            return error_response(404, f"No job has the id {job_id[:64]!r}.")
+            raise BadRequest(f"No job has the id {job_id[:64]!r}.", 404)
         return json_response(202, status_document(self.lifecycle.reopen(job_id)))
 
     def status(self, job_id: str):
@@ -239,7 +238,7 @@ def query_number(query, name: str, default: float, low: float, high: float, whol
     except ValueError:
         kind = "a whole number" if whole else "a number"
         raise BadRequest(f"The parameter {name!r} must be {kind}; got {text[:64]!r}.") from None
-    if not (math.isfinite(value) and low <= value <= high):
+    if not low <= value <= high:  # NaN fails it too; a huge whole number is compared, not converted
         raise BadRequest(f"The parameter {name!r} must be between {low:g} and {high:g}; got {text[:64]!r}.")
     return value
 
@@ -251,10 +250,11 @@ def query_time(query, name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-    except ValueError:
+        # in UTC here: one whose offset takes it outside years 1-9999 fails now, not in BSON
+        return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    except (ValueError, OverflowError):
         raise BadRequest(f"The parameter {name!r} must be an ISO 8601 time like 2026-11-28T17:00:00Z; "
                          f"got {text[:64]!r}.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,9 +288,14 @@ def make_app(settings: Settings, lifecycle: Lifecycle, health: HealthChecker) ->
     return app
 
 
-def unavailable_message(dependency: str, method: str) -> str:
-    if method == "POST":
+def unavailable_message(dependency: str, path: str) -> str:
+    """What a 503 tells the caller: a new job is not accepted (nothing of it is kept); a
+    retry or cancel may have been written before the dependency failed, so it says so."""
+    if path in ("/submit", "/execute"):
         return f"{dependency} is unavailable, so the job was not accepted; try again shortly."
+    if path.startswith(("/retry/", "/cancel/")):
+        return (f"{dependency} is unavailable, so the request may not have taken effect; "
+                "check the job's status and try again shortly.")
     return f"{dependency} is unavailable; try again shortly."
 
 
@@ -316,7 +321,7 @@ def error_plugin(settings: Settings, counters: DaemonMetrics):
             except DependencyDown as e:
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
                 counters.rejected.labels("503").inc()
-                return error_response(503, unavailable_message(e.dependency, bottle.request.method))
+                return error_response(503, unavailable_message(e.dependency, bottle.request.path))
 
         return wrapper
 

@@ -316,7 +316,9 @@ class Lifecycle:
     def reopen(self, job_id: str) -> dict:
         """Run a failed job again as a new attempt (dead letters); earlier errors are kept.
 
-        Raises BadRequest: 404 for an unknown id, 409 when the job has not failed.
+        Raises BadRequest: 404 for an unknown id, 409 when the job has not failed. Once
+        reopened, the job is accepted: if Redis refuses its message, it is noted as a retry
+        due now, which the recovery sweep sends (enqueue_due_retries).
         """
         job = self.store.get(job_id)
         if job is None:
@@ -326,7 +328,11 @@ class Lifecycle:
         if not self.store.reopen(job_id, job["attempts"], self.owner, utcnow()):
             raise BadRequest(f"Job {job_id} is already being retried.", 409)
         job = self.store.get(job_id)
-        self.queue.enqueue(job, job["attempts"])
+        try:
+            self.queue.enqueue(job, job["attempts"])
+        except DependencyDown as e:  # reopened for good: the due-retries sweep sends it once Redis is back
+            log.warning("job %s: reopened, but not queued (%s); the sweep will send it", job_id, e)
+            self.store.schedule_retry(job_id, job["attempts"], utcnow())
         return job
 
     def cancel(self, job_id: str) -> tuple[dict, bool]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +16,24 @@ EXECUTE_FIELDS = JOB_FIELDS + ("wait_s",)
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job as accepted: code, its JSON input, retries and the limits of each attempt."""
+    """One job as accepted: code, its JSON input, retries and the limits of each attempt.
+
+    `input_json` is the input encoded once, where a request is checked (parse_job): an
+    input too deeply nested to encode is refused there, as its own request's 400, not
+    found later in a group of submissions written together (intake.GroupCommit), whose
+    every request would then fail with it.
+    """
 
     code: str
     input: Any
     limits: Limits
     retries: int
     entry: str | None = None
+    input_json: str = ""
+
+    def __post_init__(self):
+        if not self.input_json:
+            object.__setattr__(self, "input_json", json.dumps(self.input))
 
     @property
     def max_attempts(self) -> int:
@@ -72,10 +82,20 @@ def parse_job(data: dict, settings: Settings, allowed: tuple[str, ...] = JOB_FIE
     return JobSpec(
         code=code,
         input=data.get("input"),
+        input_json=input_json(data.get("input")),
         limits=resolve(limit_fields(data, settings), settings),
         retries=int_field(data, "retries", settings.default_retries, 0, settings.max_retries),
         entry=entry_field(data),
     )
+
+
+def input_json(value: Any) -> str:
+    """The input as JSON text; BadRequest when it is nested too deeply to encode."""
+    try:
+        return json.dumps(value)
+    except RecursionError:
+        raise BadRequest("The field 'input' is nested too deeply (arrays or objects inside one another "
+                         "hundreds of levels down); flatten it.") from None
 
 
 def limit_fields(data: dict, settings: Settings) -> dict:
@@ -88,14 +108,18 @@ def limit_fields(data: dict, settings: Settings) -> dict:
 
 
 def number_field(data: dict, name: str, default: float | None, low: float, high: float) -> float | None:
-    """A finite number in [low, high], or the default when absent or null."""
+    """A finite number in [low, high], or the default when absent or null.
+
+    Compared as it came: a whole number too large for a float (10**400) and NaN fail the
+    range check, with the number in the message, instead of raising in a conversion.
+    """
     value = data.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"The field {name!r} must be a number, not a JSON {_json_kind(value)}.")
     if not low <= value <= high:
-        raise BadRequest(f"The field {name!r} must be between {low:g} and {high:g}; got {value:g}.")
+        raise BadRequest(f"The field {name!r} must be between {low:g} and {high:g}; got {_number_text(value)}.")
     return float(value)
 
 
@@ -109,7 +133,7 @@ def int_field(data: dict, name: str, default: int | None, low: int, high: int) -
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"The field {name!r} must be a whole number, not a JSON {_json_kind(value)}.")
     if not low <= value <= high:
-        raise BadRequest(f"The field {name!r} must be between {low} and {high}; got {value}.")
+        raise BadRequest(f"The field {name!r} must be between {low} and {high}; got {_number_text(value)}.")
     return value
 
 
@@ -121,6 +145,14 @@ def entry_field(data: dict) -> str | None:
     if not isinstance(entry, str) or not entry.isidentifier():
         raise BadRequest("The field 'entry' must be the name of a function, such as \"main\".")
     return entry
+
+
+def _number_text(value: int | float) -> str:
+    """A number for an error message: a float as %g, a whole number cut to 40 digits."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} digits)"
 
 
 def _json_kind(value: Any) -> str:

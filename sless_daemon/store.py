@@ -6,7 +6,7 @@
   `<job>/<attempt>/<step>`: `claim` (a worker took it: a permanent fence against
   running it twice), `settle` (how it ended: completed, failed, or a retry at a given
   time, with result, error and output), `enqueue` (a sweeper enqueued its retry),
-  `reopen` (a failed job retried by hand).
+  `reopen` (a failed job retried by hand), `cancel` (a cancel asked for while it ran).
 - `leases`: the attempts running now, one per attempt under a unique `_id`: inserting
   it is how a worker starts claiming the attempt; its heartbeat renews it; it is dropped
   once the attempt is settled. A quiet attempt that ends within the claim hold has none:
@@ -33,7 +33,6 @@ servers differ on keys with dots or dollars.
 from __future__ import annotations
 
 import functools
-import json
 from datetime import datetime, timezone
 
 import pymongo
@@ -154,7 +153,7 @@ class OutcomeStore:
     @mongo_call
     def insert_many(self, jobs: list[tuple[str, JobSpec]], now: datetime) -> list[dict]:
         """Record new jobs, before they are enqueued, in one insert; returns their documents."""
-        documents = [{"_id": job_id, "code": spec.code, "input_json": json.dumps(spec.input), "entry": spec.entry,
+        documents = [{"_id": job_id, "code": spec.code, "input_json": spec.input_json, "entry": spec.entry,
                       "timeout_s": spec.timeout_s, "limits": spec.limits.to_dict(), "retries": spec.retries,
                       "submitted_at": now} for job_id, spec in jobs]
         self.jobs.insert_many([dict(job) for job in documents])  # copies: pymongo adds nothing to ours

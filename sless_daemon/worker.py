@@ -57,7 +57,7 @@ def run_job(message: dict) -> None:
 def spec_from_job(job: dict) -> JobSpec:
     """Rebuild the accepted spec from its stored document."""
     return JobSpec(code=job["code"], input=json.loads(job["input_json"]), limits=from_document(job["limits"]),
-                   retries=job["retries"], entry=job.get("entry"))
+                   retries=job["retries"], entry=job.get("entry"), input_json=job["input_json"])
 
 
 class AttemptRunner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from pathlib import Path
 
@@ -165,6 +166,10 @@ def test_unknown_route_and_method_are_json(stack):
     (json.dumps({"code": "return 1", "tmpfs_mb": 1 << 20}).encode(), 400, "'tmpfs_mb' must be between"),
     (json.dumps({"code": "return 1", "result_bytes": "big"}).encode(), 400, "'result_bytes' must be a whole number"),
     (json.dumps({"code": "x" * (2 << 20)}).encode(), 413, "the limit is"),
+    (b'{"code": "return 1", "timeout_s": 1' + b"0" * 400 + b"}", 400, "'timeout_s' must be between 0.1 and"),
+    (b'{"code": "return 1", "cpu_s": NaN}', 400, "'cpu_s' must be between"),
+    (b'{"code": "return 1", "timeout_s": -Infinity}', 400, "got -inf"),
+    (b'{"code": "return 1", "memory_mb": 1' + b"0" * 400 + b"}", 400, "(401 digits)"),
 ])
 def test_bad_submissions_get_specific_errors_and_leave_nothing(stack, body, status, fragment):
     jobs_before = stack.mongo_jobs().count_documents({})
@@ -178,6 +183,24 @@ def test_bad_submissions_get_specific_errors_and_leave_nothing(stack, body, stat
 def test_execute_validates_wait_s(stack):
     answer = stack.post("/execute", {"code": "return 1", "wait_s": -1})
     assert answer.status_code == 400 and "'wait_s'" in answer.json()["error"]
+    answer = stack.post("/execute", b'{"code": "return 1", "wait_s": 1' + b"0" * 400 + b"}")
+    assert answer.status_code == 400 and "'wait_s' must be between" in answer.json()["error"]
+
+
+def test_an_input_nested_too_deeply_is_refused_alone(make_stack):
+    """Inputs nested about as deeply as the interpreter can parse, submitted among ordinary
+    ones: each deep one is accepted or refused on its own (400), never a 500, and never
+    fails the ordinary submits written in the same group (intake.GroupCommit)."""
+    stack = make_stack(workers=0)
+    deep = [b'{"code": "return 1", "input": ' + b"[" * depth + b"]" * depth + b"}" for depth in range(900, 1000)]
+    plain = [{"code": "return input", "input": n} for n in range(100)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda body: stack.post("/submit", body), [b for pair in zip(deep, plain) for b in pair]))
+    deep_answers, plain_answers = answers[0::2], answers[1::2]
+    assert [a.status_code for a in plain_answers] == [202] * 100
+    assert {a.status_code for a in deep_answers} <= {202, 400}, [a.text for a in deep_answers if a.status_code >= 500]
+    refused = [a.json()["error"] for a in deep_answers if a.status_code == 400]
+    assert refused and all("nested too deeply" in e or "not valid JSON" in e for e in refused)
 
 
 def test_health_endpoints(stack):

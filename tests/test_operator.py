@@ -103,10 +103,14 @@ def test_list_shows_recent_jobs_and_filters_them(make_stack):
     table = s.cli("list")
     assert table.returncode == 0 and bad in table.stdout and "failed" in table.stdout
     for params, needle in (({"state": "lost"}, "'state' must be one of"), ({"limit": "0"}, "between 1 and 1000"),
-                           ({"limit": "2.5"}, "whole number"), ({"since": "last week"}, "ISO 8601")):
+                           ({"limit": "2.5"}, "whole number"), ({"since": "last week"}, "ISO 8601"),
+                           ({"limit": "1" + "0" * 400}, "between 1 and 1000"),
+                           ({"since": "0001-01-01T00:00:00+23:59"}, "ISO 8601")):
         answer = s.get("/jobs", params=params)
         assert answer.status_code == 400 and needle in answer.json()["error"], answer.text
     assert s.cli("list", "--state", "lost").returncode == ExitStatus.REJECTED
+    too_far = s.cli("list", "--since", "1000000d")
+    assert too_far.returncode == ExitStatus.USAGE and "before the year 1" in too_far.stderr, too_far.stderr
 
 
 def test_cancel_a_queued_job_and_it_never_runs(make_stack):

@@ -32,7 +32,7 @@ app = typer.Typer(help="sless: run functions in sandboxes, track every outcome."
 INSECURE_HELP = "Run user code WITHOUT the sandbox (plain processes, rlimits only). Trusted code only."
 JSON_HELP = "Machine-readable output."
 AUTOSCALE_HELP = ("Grow and shrink the pool between MIN and MAX workers with the queue (instead of --count); "
-                  "README: Autoscaling.")
+                  "README: Scaling.")
 JSON_LOGS_HELP = "Log one JSON object per line (as SLESS_LOG_FORMAT=json)."
 
 
@@ -276,7 +276,11 @@ def parse_since(text: str) -> str:
     """`15m` -> the ISO time 15 minutes ago; an ISO time passes as it is (the daemon checks it)."""
     number, unit = text[:-1], text[-1:].lower()
     if unit in AGE_UNITS and number.replace(".", "", 1).isdigit():
-        moment = datetime.now(timezone.utc) - timedelta(seconds=float(number) * AGE_UNITS[unit])
+        try:
+            moment = datetime.now(timezone.utc) - timedelta(seconds=float(number) * AGE_UNITS[unit])
+        except OverflowError:  # further back than year 1
+            raise CliError(f"--since {text} reaches back before the year 1; give a shorter age.",
+                           ExitStatus.USAGE) from None
         return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
     return text
 
@@ -335,11 +339,11 @@ def server_settings(**overrides):
 
 @app.command()
 def daemon(
-    host: Optional[str] = typer.Option(None, help="Address to bind [env SLESS_HOST, default 127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, help="Port [env SLESS_PORT, default 3000]."),
-    redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
-    mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
-    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    host: Optional[str] = typer.Option(None, help="Address to bind (env SLESS_HOST; default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (env SLESS_PORT; default 3000)."),
+    redis_url: Optional[str] = typer.Option(None, help="Redis URL (env SLESS_REDIS_URL)."),
+    mongo_url: Optional[str] = typer.Option(None, help="MongoDB URL (env SLESS_MONGO_URL)."),
+    log_format: Optional[str] = typer.Option(None, help="text or json (env SLESS_LOG_FORMAT)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
 ):
     """Run the HTTP daemon in the foreground."""
@@ -357,9 +361,9 @@ def daemon(
 @app.command()
 def worker(
     count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
-    redis_url: Optional[str] = typer.Option(None, help="[env SLESS_REDIS_URL]"),
-    mongo_url: Optional[str] = typer.Option(None, help="[env SLESS_MONGO_URL]"),
-    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    redis_url: Optional[str] = typer.Option(None, help="Redis URL (env SLESS_REDIS_URL)."),
+    mongo_url: Optional[str] = typer.Option(None, help="MongoDB URL (env SLESS_MONGO_URL)."),
+    log_format: Optional[str] = typer.Option(None, help="text or json (env SLESS_LOG_FORMAT)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN:MAX", help=AUTOSCALE_HELP),
     insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
@@ -369,8 +373,9 @@ def worker(
     raise typer.Exit(run_pool(settings, count, insecure_no_sandbox, autoscale))
 
 
-def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None) -> int:
-    """Run the worker pool until stopped; non-zero when the sandbox cannot be created."""
+def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None, stop=None) -> int:
+    """Run the worker pool until stopped (Ctrl-C, SIGTERM, or the `stop` event set);
+    non-zero when the sandbox cannot be created."""
     from sless_daemon.autoscale import parse_range
     from sless_daemon.logs import configure_logging
     from sless_daemon.worker_pool import build_pool
@@ -380,7 +385,10 @@ def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None)
     except ValueError as e:
         raise CliError(str(e), ExitStatus.USAGE) from None
     configure_logging(settings.log_format, settings.log_level, "pool")
-    code = build_pool(settings, count, insecure, bounds).run()
+    pool = build_pool(settings, count, insecure, bounds)
+    if stop is not None:
+        pool.stop_requested = stop
+    code = pool.run()
     if code:
         raise CliError("The workers cannot create their sandbox; the worker log above says why and how to fix it.",
                        ExitStatus.SANDBOX_UNAVAILABLE)
@@ -390,23 +398,43 @@ def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None)
 @app.command()
 def up(
     count: int = typer.Option(2, "--count", "-c", min=1, max=256, help="Worker processes to run."),
-    port: Optional[int] = typer.Option(None, help="Daemon port [env SLESS_PORT, default 3000]."),
-    log_format: Optional[str] = typer.Option(None, help="text or json [env SLESS_LOG_FORMAT]"),
+    port: Optional[int] = typer.Option(None, help="Daemon port (env SLESS_PORT; default 3000)."),
+    log_format: Optional[str] = typer.Option(None, help="text or json (env SLESS_LOG_FORMAT)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_LOGS_HELP),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN:MAX", help=AUTOSCALE_HELP),
     insecure_no_sandbox: bool = typer.Option(False, "--insecure-no-sandbox", help=INSECURE_HELP),
 ):
-    """Run the daemon and the workers together in the foreground; Ctrl-C stops all cleanly."""
+    """Run the daemon and the workers together in the foreground; Ctrl-C stops all cleanly.
+
+    If the daemon exits on its own (its port taken, a bad setting, a crash), the workers are
+    stopped too and `up` exits with the daemon's code: workers with no API in front of them
+    would look like a running stack.
+    """
     import subprocess
+    import threading
 
     settings = server_settings(port=port, log_format="json" if as_json else log_format)
     env = {**os.environ, **settings.to_env()}
     daemon_process = subprocess.Popen([sys.executable, "-m", "sless", "daemon"], env=env, start_new_session=True)
+    stop_pool, stopping, ended_alone = threading.Event(), threading.Event(), []
+
+    def stop_pool_if_the_daemon_ends() -> None:
+        code = daemon_process.wait()
+        if not stopping.is_set():
+            ended_alone.append(code)
+            stop_pool.set()  # as Ctrl-C does: the workers finish what they run, then stop
+
+    threading.Thread(target=stop_pool_if_the_daemon_ends, name="daemon-watch", daemon=True).start()
     try:
-        run_pool(settings, count, insecure_no_sandbox, autoscale)
+        run_pool(settings, count, insecure_no_sandbox, autoscale, stop_pool)
     finally:
+        stopping.set()
         daemon_process.terminate()
         daemon_process.wait(timeout=10)
+    if ended_alone:
+        code = ended_alone[0]
+        raise CliError(f"The daemon exited on its own (code {code}); its log above says why. The workers were stopped.",
+                       code if code > 0 else ExitStatus.INTERNAL)
 
 
 def main() -> None:

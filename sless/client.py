@@ -7,6 +7,10 @@ import requests
 from .errors import ApiError, DaemonUnreachable
 
 DEFAULT_URL = "http://127.0.0.1:3000"
+# How long one `POST /execute` may wait for the outcome: the daemon answers 202 by then and
+# the CLI follows the job (follow.follow_to_end), so a long job never outlasts the HTTP
+# timeout, which would hide the id of a job that was accepted.
+EXECUTE_WAIT_S = 25.0
 
 
 class DaemonClient:
@@ -22,11 +26,9 @@ class DaemonClient:
     def submit(self, job: dict) -> dict:
         return self.call("POST", "/submit", job).json()
 
-    def execute(self, job: dict, wait_s: float | None = None) -> dict:
-        """Run a job synchronously; the answer's state says whether it finished in time."""
-        body = dict(job, wait_s=wait_s) if wait_s is not None else job
-        timeout_s = (wait_s if wait_s is not None else job.get("timeout_s") or 5.0) + 60
-        return self.call("POST", "/execute", body, timeout_s=timeout_s).json()
+    def execute(self, job: dict, wait_s: float = EXECUTE_WAIT_S) -> dict:
+        """Run a job, waiting up to `wait_s` for its outcome; the answer's state says whether it came."""
+        return self.call("POST", "/execute", dict(job, wait_s=wait_s), timeout_s=wait_s + self.timeout_s).json()
 
     def status(self, job_id: str) -> dict:
         return self.call("GET", f"/status/{quote(job_id)}").json()
@@ -76,9 +78,12 @@ def quote(job_id: str) -> str:
 
 
 def error_message(response: requests.Response) -> str:
-    """The daemon's own sentence from a JSON error, or a generic one."""
+    """The daemon's own sentence from a JSON error, or a generic one; with the job's id when
+    the error names one (an accepted job whose outcome could not be waited for)."""
     try:
-        message = response.json().get("error")
+        body = response.json()
+        message, job_id = body.get("error"), body.get("jobId")
     except (ValueError, AttributeError):
-        message = None
-    return message or f"The daemon answered HTTP {response.status_code}."
+        message = job_id = None
+    message = message or f"The daemon answered HTTP {response.status_code}."
+    return f"{message} (job {job_id})" if job_id else message

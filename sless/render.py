@@ -53,7 +53,7 @@ def status_view(doc: dict) -> Group:
     if seconds is not None:
         table.add_row("elapsed", f"{seconds:.3f} s")
     if doc["state"] == "completed":
-        table.add_row("result", json.dumps(doc["result"]))
+        table.add_row("result", Text(json.dumps(doc["result"])))  # Text: the job's "[/x]" is no markup
     if doc.get("error"):
         table.add_row("error", Text(f"{doc['error']['type']}: {doc['error']['message']}", style="red"))
     parts = [table]
@@ -113,11 +113,11 @@ def health_table(health: dict, daemon_ms: float) -> Table:
         check = health[key]
         detail = check.get("error", "") or (", ".join(check.get("collections", [])) and
                                              f"collections: {', '.join(check.get('collections', []))}")
-        table.add_row(name, _ok(check["status"]), f"{check['latency_ms']:.1f} ms", detail)
+        table.add_row(name, _ok(check["status"]), f"{check['latency_ms']:.1f} ms", Text(detail))
     queue = health["queue"]
     ok = queue["status"] == "ok"
     table.add_row("queue depth", _ok(queue["status"]), f"{queue['latency_ms']:.1f} ms",
-                  str(queue.get("depth")) if ok else queue.get("error", ""))
+                  str(queue.get("depth")) if ok else Text(queue.get("error", "")))
     table.add_row("live workers", _ok("ok" if ok and queue.get("live_workers") else "down"), "",
                   str(queue.get("live_workers")) if ok else "")
     return table

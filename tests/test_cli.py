@@ -31,6 +31,15 @@ def test_submit_prints_the_id_then_status_shows_the_result(stack):
     assert as_json["result"] == {"greeting": "Hello, Bo!", "length": 2}
 
 
+def test_status_shows_a_result_that_looks_like_markup_as_it_is(stack):
+    """A result is the job's data: rich must not read "[/x]" or "[bold]" in it as markup."""
+    job_id = stack.submit({"code": 'return {"a": "[/x]", "b": "[bold]not bold[/bold]"}'})
+    stack.wait_terminal(job_id)
+    shown = stack.cli("status", job_id)
+    assert shown.returncode == 0, shown.stderr
+    assert '"[/x]"' in shown.stdout and "[bold]not bold[/bold]" in shown.stdout
+
+
 def test_submit_json_and_options(stack, tmp_path):
     (tmp_path / "in.json").write_text('{"name": "Cy", "times": 3}')
     done = stack.cli("submit", str(EXAMPLES / "greet.py"), "--input-file", str(tmp_path / "in.json"),
@@ -177,6 +186,25 @@ def test_up_runs_daemon_and_workers_and_ctrl_c_stops_all(logs_dir):
         s.stop()
 
 
+def test_server_commands_help_shows_the_variables_behind_their_options(stack):
+    """Rich reads "[env X]" in a help text as markup and drops it: the help must show them."""
+    for command, names in (("daemon", ("SLESS_HOST", "SLESS_PORT", "SLESS_REDIS_URL", "SLESS_MONGO_URL")),
+                           ("worker", ("SLESS_REDIS_URL", "SLESS_MONGO_URL", "SLESS_LOG_FORMAT")),
+                           ("up", ("SLESS_PORT", "SLESS_LOG_FORMAT"))):
+        shown = stack.cli(command, "--help", env={"COLUMNS": "200"})
+        assert shown.returncode == 0 and all(name in shown.stdout for name in names), shown.stdout
+
+
+def test_up_stops_its_workers_and_exits_when_its_daemon_cannot_start(make_stack):
+    """`sless up` on a port another daemon holds: its own daemon exits 9, and so does `up`,
+    its workers stopped, instead of running workers with no API of their own."""
+    s = make_stack(workers=0)
+    done = s.cli("up", "--count", "1", "--port", str(s.port), timeout=60)
+    assert done.returncode == 9, done.stdout + done.stderr
+    assert "The daemon exited on its own (code 9)" in done.stderr and "The workers were stopped" in done.stderr
+    assert s.live_workers() == []
+
+
 def test_status_watch_on_a_terminal_uses_the_live_view(stack):
     """Run `sless status --watch` on a real pseudo-terminal and read what it drew."""
     import os
@@ -212,3 +240,27 @@ def test_debug_flag_shows_a_traceback_for_unexpected_errors(stack):
     assert calm.returncode == 10 and "Traceback" not in calm.stderr and "--debug" in calm.stderr
     loud = stack.cli("--debug", "status", "0" * 32, env={"SLESS_URL": "http://[::1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_submit_wait_asks_the_daemon_to_answer_in_time_and_follows_a_long_job(stack):
+    """`--wait` sends `wait_s`, so the daemon answers (202) before the HTTP timeout however
+    long the job's own limit is, and the CLI follows the job from there."""
+    from sless.client import DaemonClient
+    from sless.follow import follow_to_end
+
+    client = DaemonClient(stack.url)
+    first = client.execute({"code": "import time\ntime.sleep(2)\nreturn 'slept'", "timeout_s": 30}, wait_s=0.5)
+    assert first["state"] in ("submitted", "running")
+    assert follow_to_end(client, first)["result"] == "slept"
+
+
+def test_an_error_that_names_an_accepted_job_shows_its_id():
+    import requests
+
+    from sless.client import error_message
+
+    answer = requests.Response()
+    answer.status_code, answer._content = 503, b'{"jobId": "abc123", "error": "MongoDB stopped answering."}'
+    assert error_message(answer) == "MongoDB stopped answering. (job abc123)"
+    answer._content = b'{"error": "Redis is unavailable."}'
+    assert error_message(answer) == "Redis is unavailable."

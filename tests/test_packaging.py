@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -92,3 +94,35 @@ def test_security_doc_explains_every_denied_syscall():
     doc = (ROOT / "docs" / "SECURITY.md").read_text()
     for name in DENIED_SYSCALLS:
         assert f"| `{name}` |" in doc, name
+
+
+def test_services_script_stops_only_what_its_own_start_started(tmp_path):
+    """`scripts/services start` names the services it started; a second start, finding them
+    up, names none (so scripts/test run beside a benchmark stops nothing of it); `stop NAME`
+    stops that one only."""
+    from stack import free_port
+
+    env = {**os.environ, "SLESS_SERVICES_DIR": str(tmp_path), "SLESS_REDIS_PORT": str(free_port()),
+           "SLESS_MONGO_PORT": str(free_port())}
+    services = lambda *args: subprocess.run([str(ROOT / "scripts" / "services"), *args], env=env,  # noqa: E731
+                                            capture_output=True, text=True, timeout=60)
+    redis_port, mongo_port = int(env["SLESS_REDIS_PORT"]), int(env["SLESS_MONGO_PORT"])
+    try:
+        first = services("start")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.split() == ["redis", "ferretdb"]
+        assert answers(redis_port) and answers(mongo_port)
+        again = services("start")
+        assert again.returncode == 0 and again.stdout.split() == [], again.stderr
+        assert services("stop", "redis").returncode == 0
+        assert not answers(redis_port) and answers(mongo_port)
+    finally:
+        services("stop")
+    assert not answers(mongo_port)
+    assert services("stop", "mongodb").returncode == 2
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0

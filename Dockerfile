@@ -1,8 +1,8 @@
 # One image for the daemon and the workers; docker-compose.yml picks the command.
 FROM python:3.11-slim
 
-# bubblewrap is what the sandbox (issue 3) builds on; procps gives the pool `pgrep`
-# for diagnostics. No compilers, no network tools.
+# bubblewrap is what the sandbox (issue 3) builds on; procps gives `ps` and `pgrep`
+# for looking inside a running container. No compilers, no network tools.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends bubblewrap libseccomp2 procps \
  && rm -rf /var/lib/apt/lists/*

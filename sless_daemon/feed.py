@@ -1,7 +1,8 @@
 """A job's live feed: a short-lived Redis stream of its state changes and output.
 
-Workers append to it (an attempt started, output as it is written, how the attempt
-ended), and so does the daemon when it cancels or reopens a job. The daemon reads it
+Workers append to it (an attempt started, output as it is written), and whoever
+settles an attempt (a worker, a sweeper, the daemon cancelling a job) appends how it
+ended, in the settle's announcement (queue.announce_settled). The daemon reads it
 for `GET /events` (a long poll: XREAD blocks until something is appended) and `GET
 /logs`, so `sless status --watch` and `sless logs --follow` wait on Redis instead of
 polling MongoDB. MongoDB stays the record: a feed is capped at FEED_MAX_ENTRIES and

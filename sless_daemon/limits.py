@@ -15,7 +15,7 @@ from .settings import Settings
 # name -> (whole number?, floor, what it limits); units are in the names
 LIMIT_RULES = {
     "timeout_s": (False, 0.1, "wall-clock seconds of one attempt"),
-    "cpu_s": (False, 0.1, "CPU seconds of one attempt (0 or absent: timeout_s + 1)"),
+    "cpu_s": (False, 0.1, "CPU seconds of one attempt (absent: timeout_s + 1)"),
     "memory_mb": (True, 16, "memory of the whole attempt"),
     "processes": (True, 4, "processes and threads at once"),
     "open_files": (True, 16, "open files per process"),

@@ -104,7 +104,7 @@ def slot_uid(uid_base: int, slot: int) -> int | None:
 
 
 def build_sandbox(python: str, uid_base: int, slot: int) -> Sandbox:
-    """Assemble this worker's sandbox (jobhost.probe proves it starts); SandboxUnavailable says how to fix it."""
+    """Assemble this worker's sandbox (Executor.probe proves it starts); SandboxUnavailable says how to fix it."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed. {FIX_HINT}")

@@ -44,7 +44,7 @@ class Context:
         self.token = token
         self.debug = debug
 
-    def client(self, timeout_s: float = 10.0) -> DaemonClient:
+    def client(self, timeout_s: float | None = None) -> DaemonClient:
         return DaemonClient(self.url, self.token, timeout_s)
 
 
@@ -385,6 +385,8 @@ def run_pool(settings, count: int, insecure: bool, autoscale: str | None = None,
     except ValueError as e:
         raise CliError(str(e), ExitStatus.USAGE) from None
     configure_logging(settings.log_format, settings.log_level, "pool")
+    if stop is not None and stop.is_set():
+        return 0  # stopped before it started: no workers to start only to stop
     pool = build_pool(settings, count, insecure, bounds)
     if stop is not None:
         pool.stop_requested = stop
@@ -420,7 +422,7 @@ def up(
 
     def stop_pool_if_the_daemon_ends() -> None:
         code = daemon_process.wait()
-        if not stopping.is_set():
+        if not (stopping.is_set() or stop_pool.is_set()):  # not stopped with up (SIGTERM to the whole group)
             ended_alone.append(code)
             stop_pool.set()  # as Ctrl-C does: the workers finish what they run, then stop
 

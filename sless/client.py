@@ -11,14 +11,15 @@ DEFAULT_URL = "http://127.0.0.1:3000"
 # the CLI follows the job (follow.follow_to_end), so a long job never outlasts the HTTP
 # timeout, which would hide the id of a job that was accepted.
 EXECUTE_WAIT_S = 25.0
+HTTP_TIMEOUT_S = 10.0  # beyond what a call asks the daemon to wait
 
 
 class DaemonClient:
     """Calls the daemon; raises DaemonUnreachable or ApiError with a readable sentence."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 10.0):
+    def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, timeout_s: float | None = None):
         self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
+        self.timeout_s = HTTP_TIMEOUT_S if timeout_s is None else timeout_s
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -26,8 +27,10 @@ class DaemonClient:
     def submit(self, job: dict) -> dict:
         return self.call("POST", "/submit", job).json()
 
-    def execute(self, job: dict, wait_s: float = EXECUTE_WAIT_S) -> dict:
-        """Run a job, waiting up to `wait_s` for its outcome; the answer's state says whether it came."""
+    def execute(self, job: dict, wait_s: float | None = None) -> dict:
+        """Run a job, waiting up to `wait_s` (EXECUTE_WAIT_S) for its outcome; the answer's
+        state says whether it came."""
+        wait_s = EXECUTE_WAIT_S if wait_s is None else wait_s
         return self.call("POST", "/execute", dict(job, wait_s=wait_s), timeout_s=wait_s + self.timeout_s).json()
 
     def status(self, job_id: str) -> dict:

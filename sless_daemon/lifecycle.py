@@ -221,15 +221,15 @@ class Lifecycle:
         count, now = 0, utcnow()
         abandoned_before = now - timedelta(seconds=self.settings.lease_s)
         for retry in self.store.due_retries(now, limit):
-            job_id, attempts = retry["job_id"], retry["attempts"]
+            job_id, attempts, reopened = retry["job_id"], retry["attempts"], retry.get("reopened", False)
             if self.store.take_retry(job_id, attempts, self.owner):
                 try:
-                    self._send_retry(self.store.get(job_id), attempts)
+                    self._send_retry(self.store.get(job_id), attempts, reopened)
                 except Exception:
                     self.store.release_retry(job_id, attempts)
                     raise
             elif (self._retry_taken_at(job_id, attempts) or retry["at"]) <= abandoned_before:
-                self._take_over_retry(job_id, attempts)
+                self._take_over_retry(job_id, attempts, reopened)
             else:
                 continue  # on its way from the sweeper that took it
             self.store.forget_retry(job_id, attempts)
@@ -241,13 +241,15 @@ class Lifecycle:
         held = self.store.step_taken(job_id, attempts, "enqueue")
         return held.get("at") if held else None
 
-    def _send_retry(self, job: dict | None, attempts: int) -> None:
-        if job is not None and self._cancel_requested(job["_id"], attempts):
+    def _send_retry(self, job: dict | None, attempts: int, reopened: bool = False) -> None:
+        """Enqueue a due retry; cancel it instead when a cancel of the attempt that failed is
+        pending, unless the job was reopened by hand after that attempt (Lifecycle.reopen)."""
+        if job is not None and not reopened and self._cancel_requested(job["_id"], attempts):
             self.cancel_before_start(job)  # cancelled while its failed attempt was being settled
         elif job is not None:
             self.queue.enqueue(job, attempts)
 
-    def _take_over_retry(self, job_id: str, attempts: int) -> None:
+    def _take_over_retry(self, job_id: str, attempts: int, reopened: bool = False) -> None:
         """Send a retry that another sweeper took a lease ago (or, if it did not note when, that
         has been due that long) and never sent: it died between taking it and enqueuing it (a
         live one sends it within milliseconds, or gives it back), and only a full orphan scan
@@ -259,7 +261,7 @@ class Lifecycle:
             return  # it moved on, or was sent before its sweeper died
         log.warning("job %s: the sweeper that took its retry never sent it; sending it now", job_id,
                     extra={"job_id": job_id})
-        self._send_retry(job, attempts)
+        self._send_retry(job, attempts, reopened)
 
     def _settle(self, settlements: list[Settlement], drop_leases: bool = True) -> list[Decision]:
         """Write the settle events; then announce those written now, schedule the retries
@@ -332,7 +334,7 @@ class Lifecycle:
             self.queue.enqueue(job, job["attempts"])
         except DependencyDown as e:  # reopened for good: the due-retries sweep sends it once Redis is back
             log.warning("job %s: reopened, but not queued (%s); the sweep will send it", job_id, e)
-            self.store.schedule_retry(job_id, job["attempts"], utcnow())
+            self.store.schedule_retry(job_id, job["attempts"], utcnow(), reopened=True)
         return job
 
     def cancel(self, job_id: str) -> tuple[dict, bool]:

@@ -336,10 +336,11 @@ class OutcomeStore:
         return self._insert_event(job_id, attempts, "reopen", owner, retries=attempts, at=now)
 
     @mongo_call
-    def schedule_retry(self, job_id: str, attempts: int, at: datetime) -> None:
-        """Note a retry to enqueue at `at`, in a small collection the sweep can read cheaply."""
+    def schedule_retry(self, job_id: str, attempts: int, at: datetime, reopened: bool = False) -> None:
+        """Note a retry to enqueue at `at`, in a small collection the sweep can read cheaply;
+        `reopened`: a failed job retried by hand, which no earlier cancel request stops."""
         self.retries.replace_one({"_id": guard_key(job_id, attempts, "retry")},
-                                 {"job_id": job_id, "attempts": attempts, "at": at}, upsert=True)
+                                 {"job_id": job_id, "attempts": attempts, "at": at, "reopened": reopened}, upsert=True)
 
     @mongo_call
     def due_retries(self, now: datetime, limit: int = 1000) -> list[dict]:

@@ -242,16 +242,24 @@ def test_debug_flag_shows_a_traceback_for_unexpected_errors(stack):
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
-def test_submit_wait_asks_the_daemon_to_answer_in_time_and_follows_a_long_job(stack):
-    """`--wait` sends `wait_s`, so the daemon answers (202) before the HTTP timeout however
-    long the job's own limit is, and the CLI follows the job from there."""
-    from sless.client import DaemonClient
-    from sless.follow import follow_to_end
+def test_submit_wait_asks_the_daemon_to_answer_in_time_and_follows_a_long_job(stack, tmp_path):
+    """`sless submit --wait` sends `wait_s` (client.EXECUTE_WAIT_S), so the daemon answers
+    (202) within the HTTP timeout however long the job runs, and the CLI follows the job from
+    there. The real command, its two waits cut to 0.5 s and 2 s: a 4 s job outlasts both, so a
+    call that let the daemon wait for the job would time out (exit 3)."""
+    import subprocess
+    import sys
 
-    client = DaemonClient(stack.url)
-    first = client.execute({"code": "import time\ntime.sleep(2)\nreturn 'slept'", "timeout_s": 30}, wait_s=0.5)
-    assert first["state"] in ("submitted", "running")
-    assert follow_to_end(client, first)["result"] == "slept"
+    code = tmp_path / "slow.py"
+    code.write_text("import time\ntime.sleep(4)\nreturn 'slept'")
+    run_cli = ("import sys, sless.client; sless.client.EXECUTE_WAIT_S = 0.5; sless.client.HTTP_TIMEOUT_S = 2.0\n"
+               "from sless.cli import main; sys.argv[0] = 'sless'; main()")
+    done = subprocess.run([sys.executable, "-c", run_cli, "submit", str(code), "--timeout", "120", "--wait",
+                           "--json"], env={**stack.env, "SLESS_URL": stack.url}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["result"] == "slept" and doc["state"] == "completed"
 
 
 def test_an_error_that_names_an_accepted_job_shows_its_id():

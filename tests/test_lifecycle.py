@@ -532,6 +532,23 @@ def test_a_retry_that_comes_due_with_a_cancel_pending_is_cancelled_not_run(lifec
     assert lifecycle.queue.rq_queue.count == 0 and job["attempts"] == 1
 
 
+def test_a_job_reopened_by_hand_is_sent_by_the_sweep_despite_a_cancel_of_its_failed_attempt(lifecycle):
+    """A cancel asked for while the last attempt ran, which then failed by itself (failed for
+    good), is no reason to cancel the run the user asked for afterwards (POST /retry): the
+    retry noted when Redis refused its message (Lifecycle.reopen) is sent, not cancelled."""
+    job_id = lifecycle.accept(dataclasses.replace(SPEC, retries=0))
+    job = lifecycle.start(message(lifecycle, job_id))
+    lifecycle.store.request_cancel(job_id, 1, "daemon", utcnow())
+    lifecycle.queue.request_cancel(job_id, 1)
+    lifecycle.store.settle(job_id, 1, {"state": "failed"}, {"type": "exception"}, "test")
+    lifecycle.queue.rq_queue.empty()
+    assert lifecycle.store.reopen(job_id, 1, "daemon", utcnow())
+    lifecycle.store.schedule_retry(job_id, 1, utcnow(), reopened=True)  # as reopen does when Redis refuses
+    assert lifecycle.enqueue_due_retries() == 1
+    assert lifecycle.store.get(job_id)["state"] == "submitted" and job["attempts"] == 1
+    assert message(lifecycle, job_id, 1)["job_id"] == job_id
+
+
 def test_a_settle_written_twice_is_announced_once_and_keeps_its_first_outcome(lifecycle):
     """The recorder writes again after a failure that followed the insert: the stored event stands."""
     job_id = lifecycle.accept(SPEC)

@@ -48,17 +48,22 @@ class Context:
         return DaemonClient(self.url, self.token, timeout_s)
 
 
+def show_version(asked: bool) -> None:
+    """`--version`, eager: it answers before Click asks for a command."""
+    if asked:
+        out.print(f"sless {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
     url: str = typer.Option(DEFAULT_URL, envvar="SLESS_URL", help="Daemon URL."),
     token: Optional[str] = typer.Option(None, envvar="SLESS_API_TOKEN", help="API token, if the daemon has one."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
 ):
-    if version:
-        out.print(f"sless {__version__}")
-        raise typer.Exit()
     ctx.obj = Context(url, token, debug)
 
 
@@ -439,20 +444,31 @@ def up(
                        code if code > 0 else ExitStatus.INTERNAL)
 
 
+# Typer 0.2x raises its own copy of Click's exceptions (typer._click, under TyperException);
+# earlier versions raise Click's. Both are caught, so a bad flag is a usage error (2), not
+# an "unexpected" one (10).
+CLICK_EXITS = (click.exceptions.Exit, typer.Exit)
+CLICK_ABORTS = (click.exceptions.Abort, typer.Abort)
+CLICK_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+
 def main() -> None:
     """Entry point: run the app and turn errors into a sentence and an exit code."""
     debug = "--debug" in sys.argv
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="sless")
     except CliError as e:
         say_error(str(e))
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except CLICK_EXITS as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except CLICK_ERRORS as e:
+        if hasattr(e, "show"):
+            e.show()  # Click's usage line and message
+        else:
+            say_error(e.format_message())
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *CLICK_ABORTS):
         say_error("interrupted")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place unexpected errors become a sentence

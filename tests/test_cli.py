@@ -105,6 +105,20 @@ def test_unknown_id_exits_4_with_one_sentence(stack):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_bad_flags_and_missing_arguments_exit_2_with_the_usage(stack):
+    """Click's usage errors, whichever copy of Click Typer raises them from (Typer 0.2x
+    vendors its own): exit 2 and the usage line, never "unexpected" (10)."""
+    for args in (["submit"], ["status", "--bogus", "x"], ["list", "--limit", "abc"], []):
+        done = stack.cli(*args)
+        assert done.returncode == ExitStatus.USAGE, (args, done.stdout, done.stderr)
+        assert "Usage: sless" in done.stdout + done.stderr and "unexpected" not in done.stderr, done.stderr
+
+
+def test_version_is_printed_without_a_command(stack):
+    done = stack.cli("--version")
+    assert done.returncode == 0 and re.fullmatch(r"sless \S+\n", done.stdout), done.stdout + done.stderr
+
+
 def test_unreachable_daemon_exits_3(stack):
     done = stack.cli("status", "0" * 32, env={"SLESS_URL": f"http://127.0.0.1:{free_port()}"})
     assert done.returncode == ExitStatus.UNREACHABLE

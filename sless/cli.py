@@ -423,11 +423,11 @@ def up(
     settings = server_settings(port=port, log_format="json" if as_json else log_format)
     env = {**os.environ, **settings.to_env()}
     daemon_process = subprocess.Popen([sys.executable, "-m", "sless", "daemon"], env=env, start_new_session=True)
-    stop_pool, stopping, ended_alone = threading.Event(), threading.Event(), []
+    stop_pool, ended_alone = threading.Event(), []  # set by Ctrl-C, SIGTERM, the pool's end, or this watch
 
     def stop_pool_if_the_daemon_ends() -> None:
         code = daemon_process.wait()
-        if not (stopping.is_set() or stop_pool.is_set()):  # not stopped with up (SIGTERM to the whole group)
+        if not stop_pool.is_set():  # not stopped along with up itself
             ended_alone.append(code)
             stop_pool.set()  # as Ctrl-C does: the workers finish what they run, then stop
 
@@ -435,7 +435,7 @@ def up(
     try:
         run_pool(settings, count, insecure_no_sandbox, autoscale, stop_pool)
     finally:
-        stopping.set()
+        stop_pool.set()
         daemon_process.terminate()
         daemon_process.wait(timeout=10)
     if ended_alone:
